@@ -40,9 +40,12 @@ class FeaturePyramidAttention(nn.Module):
         proj = act(norm(conv1x1(x)))
         d1 = act(conv7_s2(x)),  d2 = act(conv5_s2(d1)),  d3 = act(conv3_s2(d2))
         c1 = act(conv7(d1)),    c2 = act(conv5(d2)),     c3 = act(conv3(d3))
-        att = up(c1 + up(c2 + up(c3)))            (each up to the next finer grid, the last to x's grid)
+        att = up(expand(c1 + up(c2 + up(c3))))    (each up to the next finer grid, the last to x's grid)
         y = proj * att + conv1x1(GAP(x))          (the global term broadcast over the grid)
 
+    The pyramid runs at `mid_channels` (default out_channels // 4, as in the widely used PAN reference
+    code) and `expand` (1x1 conv with bias) lifts the map to `out_channels` before the product: with 7^3
+    kernels at a 256-channel 3D bottleneck, a full-width pyramid alone would hold some 60 M parameters.
     Upsampling is (bi/tri)linear interpolation to an explicit size, so odd and non-cubic grids work.
 
     Deviation from the paper: the original puts batch norm after every convolution. Here only `proj`
@@ -57,28 +60,33 @@ class FeaturePyramidAttention(nn.Module):
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
+        mid_channels: int | None = None,
         norm: str | tuple = "instance",
         act: str | tuple = "relu",
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
+        mid = max(1, out_channels // 4) if mid_channels is None else mid_channels
+        if mid < 1:
+            raise ValueError(f"mid_channels must be >= 1, got {mid_channels}")
         self.proj = conv_norm_act(spatial_dims, in_channels, out_channels, 1, norm_name=norm, act_name=act)
-        self.down1 = _conv_act(spatial_dims, in_channels, out_channels, 7, 2, act)
-        self.down2 = _conv_act(spatial_dims, out_channels, out_channels, 5, 2, act)
-        self.down3 = _conv_act(spatial_dims, out_channels, out_channels, 3, 2, act)
-        self.conv1 = _conv_act(spatial_dims, out_channels, out_channels, 7, 1, act)
-        self.conv2 = _conv_act(spatial_dims, out_channels, out_channels, 5, 1, act)
-        self.conv3 = _conv_act(spatial_dims, out_channels, out_channels, 3, 1, act)
+        self.down1 = _conv_act(spatial_dims, in_channels, mid, 7, 2, act)
+        self.down2 = _conv_act(spatial_dims, mid, mid, 5, 2, act)
+        self.down3 = _conv_act(spatial_dims, mid, mid, 3, 2, act)
+        self.conv1 = _conv_act(spatial_dims, mid, mid, 7, 1, act)
+        self.conv2 = _conv_act(spatial_dims, mid, mid, 5, 1, act)
+        self.conv3 = _conv_act(spatial_dims, mid, mid, 3, 1, act)
+        self.expand = conv(spatial_dims, mid, out_channels, 1, bias=True)
         self.glob = conv(spatial_dims, in_channels, out_channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.proj(x)  # (B, Co, *S)
-        d1 = self.down1(x)  # (B, Co, *S1), S1 = ceil(S / 2)
-        d2 = self.down2(d1)  # (B, Co, *S2), S2 = ceil(S1 / 2)
-        d3 = self.down3(d2)  # (B, Co, *S3), S3 = ceil(S2 / 2)
-        p = self.conv2(d2) + resize(self.conv3(d3), d2.shape[2:])  # (B, Co, *S2)
-        p = self.conv1(d1) + resize(p, d1.shape[2:])  # (B, Co, *S1)
-        att = resize(p, x.shape[2:])  # (B, Co, *S)
+        d1 = self.down1(x)  # (B, Cm, *S1), S1 = ceil(S / 2)
+        d2 = self.down2(d1)  # (B, Cm, *S2), S2 = ceil(S1 / 2)
+        d3 = self.down3(d2)  # (B, Cm, *S3), S3 = ceil(S2 / 2)
+        p = self.conv2(d2) + resize(self.conv3(d3), d2.shape[2:])  # (B, Cm, *S2)
+        p = self.conv1(d1) + resize(p, d1.shape[2:])  # (B, Cm, *S1)
+        att = resize(self.expand(p), x.shape[2:])  # (B, Co, *S)
         glob = self.glob(_global_avg_pool(x))  # (B, Co, 1, ...): upsampling a constant is a broadcast
         return proj * att + glob
 

@@ -97,7 +97,7 @@ def _fpa_by_hand(fpa: FeaturePyramidAttention, x: torch.Tensor) -> torch.Tensor:
     c1, c2, c3 = conv_relu(fpa.conv1, d1, 1), conv_relu(fpa.conv2, d2, 1), conv_relu(fpa.conv3, d3, 1)
     p = c2 + _up(c3, c2.shape[2:])
     p = c1 + _up(p, c1.shape[2:])
-    att = _up(p, x.shape[2:])
+    att = _up(conv(p, fpa.expand.weight, fpa.expand.bias), x.shape[2:])
     gap = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
     glob = conv(gap, fpa.glob.weight, fpa.glob.bias).expand_as(proj)
     return proj * att + glob
@@ -106,7 +106,7 @@ def _fpa_by_hand(fpa: FeaturePyramidAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("spatial_dims, shape", [(3, (2, 3, 9, 7, 6)), (2, (2, 3, 13, 10))])
 def test_fpa_matches_the_formula_with_its_own_weights(spatial_dims, shape):
     torch.manual_seed(0)
-    fpa = FeaturePyramidAttention(spatial_dims, in_channels=3, out_channels=5).double().eval()
+    fpa = FeaturePyramidAttention(spatial_dims, in_channels=3, out_channels=5, mid_channels=2).double().eval()
     _randomise_affine(fpa, seed=1)
     x = torch.randn(shape, dtype=torch.float64)
     expected = _fpa_by_hand(fpa, x)
@@ -124,13 +124,14 @@ def test_fpa_pyramid_is_7_5_3_with_stride_2_going_down(spatial_dims):
         assert c.kernel_size == (kernel,) * spatial_dims, name
         assert c.stride == (stride,) * spatial_dims, name
         assert c.padding == (kernel // 2,) * spatial_dims, name
-    assert fpa.proj[0].kernel_size == fpa.glob.kernel_size == (1,) * spatial_dims
+    assert fpa.proj[0].kernel_size == fpa.glob.kernel_size == fpa.expand.kernel_size == (1,) * spatial_dims
+    assert fpa.down1[0].out_channels == fpa.expand.in_channels == max(1, 5 // 4)
 
 
 @pytest.mark.parametrize("spatial_dims, shape", [(3, (2, 3, 16, 12, 10)), (2, (2, 3, 24, 20))])
 def test_fpa_gradients_reach_every_parameter(spatial_dims, shape):
     torch.manual_seed(0)
-    fpa = FeaturePyramidAttention(spatial_dims, in_channels=3, out_channels=6).train()
+    fpa = FeaturePyramidAttention(spatial_dims, in_channels=3, out_channels=6, mid_channels=3).train()
     _assert_every_param_learns(fpa, torch.randn(shape))
 
 

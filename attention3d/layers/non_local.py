@@ -82,8 +82,10 @@ class NonLocalBlock(nn.Module):
         phi = phi.flatten(2).transpose(1, 2)  # (B, M, d) with M = N, or prod(ceil(S / 2)) when subsampled
         g = g.flatten(2).transpose(1, 2)  # (B, M, d)
         if self.fused:
-            # (B, 1, N, d): one head; the default scale of SDPA is 1/sqrt(d), no dropout
-            y = F.scaled_dot_product_attention(theta.unsqueeze(1), phi.unsqueeze(1), g.unsqueeze(1)).squeeze(1)
+            # (B, 1, N, d): one head; the default scale of SDPA is 1/sqrt(d), no dropout. PyTorch's CPU flash
+            # kernel is taken only for contiguous inputs; otherwise SDPA silently builds the N x M map.
+            q, k, v = (t.unsqueeze(1).contiguous() for t in (theta, phi, g))
+            y = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         else:
             f = torch.softmax(theta @ phi.transpose(1, 2) / math.sqrt(self.inter_channels), dim=-1)  # (B, N, M)
             y = f @ g  # (B, N, d)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from attention3d import list_models
-from benchmarks._report import run_isolated, table, write_section
+from benchmarks._report import has_native_bf16, run_isolated, table, write_section
 
 PEER = "monai_attention_unet"
 
@@ -19,17 +19,30 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--models", default=",".join([*list_models(), PEER]))
+    parser.add_argument(
+        "--bf16-models",
+        default=None,
+        help="models timed in bf16 (default: all where bf16 is native, else attention_unet and the peer)",
+    )
     args = parser.parse_args()
     precisions = args.precisions.split(",")
+    native = has_native_bf16()
+    bf16_models = args.bf16_models.split(",") if args.bf16_models else None
+    if bf16_models is None:
+        bf16_models = args.models.split(",") if native else ["attention_unet", PEER]
+    # Emulated bf16 convolutions take minutes per forward: then the first forward alone is timed.
+    bf16_repeats = 3 if native else 0
 
     rows, by_model = [], {}
     for name in args.models.split(","):
         row = {"model": f"{name} (peer)" if name == PEER else name}
         for i, precision in enumerate(precisions):
-            r = run_isolated(
-                "benchmarks._model_worker",
-                {"model": name, "patch": args.patch, "precision": precision, "flops": i == 0},
-            )
+            if precision == "bf16" and name not in bf16_models:
+                row[precision] = "not run"
+                continue
+            payload = {"model": name, "patch": args.patch, "precision": precision, "flops": i == 0}
+            payload["repeats"] = bf16_repeats if precision == "bf16" else 3
+            r = run_isolated("benchmarks._model_worker", payload)
             if "error" in r:
                 row[precision] = f"failed: {r['error']}"
                 continue
@@ -50,6 +63,12 @@ def main() -> None:
                 f"- {precision}: seg3d `attention_unet` {ours:.2f} s vs MONAI `AttentionUnet` {peer:.2f} s "
                 f"({peer / ours:.2f}x)."
             )
+    if "bf16" in precisions and not native:
+        notes.append(
+            "- bf16 on this CPU: it has neither AVX512-BF16 nor AMX, so PyTorch emulates bf16 convolutions and they "
+            "run far slower than fp32; only `attention_unet` and the peer were timed in bf16, a single forward "
+            "each. `--precision auto` (inference) therefore picks fp32 on such CPUs."
+        )
     columns = [("model", "model"), ("params", "params (M)"), ("gflops", "GFLOPs"), ("mib", "fp32 extra memory (MiB)")]
     columns += [(p, f"CPU forward {p} (s)") for p in precisions]
     body = (

@@ -67,7 +67,7 @@ def main() -> None:
         notes.append(
             "- bf16 on this CPU: it has neither AVX512-BF16 nor AMX, so PyTorch emulates bf16 convolutions and they "
             "run far slower than fp32; only `attention_unet` and the peer were timed in bf16, a single forward "
-            "each. `--precision auto` (inference) therefore picks fp32 on such CPUs."
+            "each. Inference should therefore default to fp32 on such CPUs."
         )
     columns = [("model", "model"), ("params", "params (M)"), ("gflops", "GFLOPs"), ("mib", "fp32 extra memory (MiB)")]
     columns += [(p, f"CPU forward {p} (s)") for p in precisions]

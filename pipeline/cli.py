@@ -20,17 +20,60 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_model_info(args: argparse.Namespace) -> int:
     from pipeline.summary import demo_summary
 
     channels = tuple(int(c) for c in args.channels.split(","))
     s = demo_summary(name=args.model, patch=args.patch, channels=channels, seed=args.seed)
-    print(f"seg3d demo: {s['model']} ({s['plug_points']}), {s['params']:,} parameters")
+    print(f"{s['model']} ({s['plug_points']}), {s['params']:,} parameters")
     print(
         f"  input {s['input']} -> logits {s['logits']}, {s['gflops']:.2f} GFLOPs, forward {s['forward_s']:.2f} s (CPU)"
     )
     print(f"  train-mode outputs: {', '.join(s['train_outputs'])}; one backward step, loss {s['loss']:.3f}")
-    print("  (the full demo, training on synthetic CT with MLflow tracking, comes with `seg3d train`)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    overrides = list(args.overrides)
+    if args.labels:
+        from pipeline.data import parse_labels
+
+        selected = {k: v for k, v in parse_labels(args.labels).items() if k != "background"}
+        overrides.append("data.labels={" + ", ".join(f"{k}: {v}" for k, v in selected.items()) + "}")
+    cfg = None
+    if args.config is not None or not args.resume:
+        if args.config is None:
+            raise Seg3dError("--config is required for a new run (e.g. --config configs/attention_unet.yaml)")
+        cfg = load_config(args.config, overrides)
+    elif overrides:
+        raise Seg3dError("--resume without --config takes no overrides: a resumed run keeps its stored config")
+    result = train(
+        cfg, args.data, args.output, tracking_uri=args.tracking_uri, resume=args.resume, config_path=args.config
+    )
+    best = f"best mean foreground Dice {result.best_dice:.3f} at epoch {result.best_epoch + 1}"
+    print(f"done: {result.epochs} epochs, {best}" if result.best_epoch >= 0 else f"done: {result.epochs} epochs")
+    print(f"bundle: {result.bundle}")
+    print(
+        f"MLflow run {result.run_id} at {result.tracking_uri}"
+        + (f"; registered as version {result.registered_version}" if result.registered_version else "")
+    )
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(
+        output=args.output,
+        cases=args.cases,
+        test_cases=args.test_cases,
+        seed=args.seed,
+        tracking_uri=args.tracking_uri,
+        overrides=args.overrides,
+    )
     return 0
 
 
@@ -45,6 +88,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     )
     print(f"wrote {manifest} ({args.cases} training cases, seed {args.seed}) in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from pipeline.data import check_dataset, load_dataset, parse_labels
+
+    labels = parse_labels(args.labels) if args.labels else None
+    dataset = load_dataset(args.dataset, labels=labels)
+    report = check_dataset(dataset, include_test=not args.no_test)
+    print(report.format())
+    return 0 if report.ok else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +115,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("demo", help="build a small model and run it once on a random patch")
+    p = sub.add_parser("check-data", help="read every case of a dataset and report every problem, with its case id")
+    p.add_argument(
+        "dataset", type=Path, help="an MSD dataset.json or its folder, a folder with images/ and labels/, or a CSV"
+    )
+    p.add_argument(
+        "--labels", default=None, help="select classes by label value, e.g. pancreas=7; other values become background"
+    )
+    p.add_argument("--no-test", action="store_true", help="skip the test cases")
+    p.set_defaults(func=_cmd_check_data)
+
+    p = sub.add_parser("train", help="train a model on a dataset, tracked in MLflow")
+    p.add_argument("--config", type=Path, default=None, help="a YAML config, e.g. configs/attention_unet.yaml")
+    p.add_argument("--data", type=Path, required=True, help="anything check-data accepts (MSD, folders, CSV)")
+    p.add_argument("--output", type=Path, required=True, help="RUN_DIR: checkpoints, bundle (RUN_DIR/bundle), plots")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--labels", default=None, help="select classes by label value, e.g. pancreas=7 (sets data.labels)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=50")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="synthesise CT, train an Attention U-Net for a few minutes, evaluate, log to MLflow"
+    )
+    p.add_argument("--output", type=Path, default=None, help="demo folder (default: runs/demo-<timestamp>)")
+    p.add_argument("--cases", type=int, default=12, help="training phantoms")
+    p.add_argument("--test-cases", type=int, default=4, help="held-out test phantoms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/demo.yaml")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("model-info", help="build a small model, run one forward and backward pass, report")
     p.add_argument("--model", default="attention_unet", help="a registered variant (see `seg3d models`)")
     p.add_argument("--patch", type=int, default=64, help="edge of the cubic patch in voxels")
     p.add_argument("--channels", default="8,16,32,64", help="channels per level, comma-separated")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_model_info)
     return parser
 
 
@@ -78,3 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     except Seg3dError as err:
         print(f"seg3d {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"seg3d {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
@@ -23,3 +26,16 @@ def real_ct() -> Path:
     if not REAL_CT.is_dir():
         pytest.skip(f"real CT data not found at {REAL_CT} (it sits beside the repository as ../shared/data/real_ct)")
     return REAL_CT
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """URI of a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts), shared by the session.
+
+    Tests must not assume an empty server: create experiments and runs with names of their own.
+    """
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

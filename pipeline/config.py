@@ -1,0 +1,280 @@
+"""Typed experiment configuration: YAML plus `key=value` overrides, validated by pydantic.
+
+Numbers live here, behaviour lives in code. An unknown key or a value of the wrong type is a `Seg3dError`
+naming the dotted key, so `train.epoch=3` fails at once instead of being silently ignored. The resolved
+config (defaults filled in) is what the run logs to MLflow and stores in the model bundle, so inference
+rebuilds exactly what was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import Seg3dError
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[int, int, int]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """A registered variant (`seg3d models`) and the U-Net options it may override (attention3d.UNetConfig).
+
+    in_channels and out_channels are not set here: they follow from the data (one CT channel, one output per
+    class of the dataset's labels)."""
+
+    name: str = "attention_unet"
+    channels: list[int] | None = None
+    strides: list[int | list[int]] | None = None
+    kernel_size: int | None = None
+    norm: str | None = None
+    dropout: float | None = None
+    skip: str | None = None
+    context: str | None = None
+    context_levels: int | None = None
+    context_kwargs: dict[str, Any] | None = None
+    recalibration: str | None = None
+    deep_supervision: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from attention3d import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown model {v!r}; valid models: {', '.join(list_models())}")
+        return v
+
+    def overrides(self) -> dict[str, Any]:
+        """The options the config sets explicitly; the variant's own defaults fill in the rest."""
+        return {k: v for k, v in self.model_dump(exclude_unset=True).items() if k != "name"}
+
+
+class IntensityConfig(_Section):
+    """CT normalisation. `foreground` (nnU-Net's CT scheme): clip to the training foreground's percentiles, then
+    z-score with the foreground mean and std. `window`: clip to a fixed HU window and scale it to [-1, 1]."""
+
+    mode: Literal["foreground", "window"] = "foreground"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    window: tuple[float, float] = (-160.0, 240.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntensityConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        if self.window[0] >= self.window[1]:
+            raise ValueError(f"window must be (low, high) with low < high, got {self.window}")
+        return self
+
+
+class DataConfig(_Section):
+    # Name -> value in the label files; null takes the dataset's own labels. A selection such as
+    # {pancreas: 7} trains on that structure and maps every other value to background.
+    labels: dict[str, int] | None = None
+    # Target voxel spacing in mm (RAS x, y, z); null = the training set's median spacing (nnU-Net).
+    target_spacing: Triple | None = None
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    # Crop every volume to the body (HU above body_threshold) before anything else: air is not context.
+    foreground_crop: bool = True
+    body_threshold_hu: float = -500.0
+    patch_size: IntTriple = (96, 96, 96)
+    samples_per_volume: int = Field(2, ge=1)
+    # Fraction of patches centred on foreground (nnU-Net oversamples a third); class_ratios, when set,
+    # samples per class instead (one weight per class, background first).
+    foreground_fraction: float = Field(0.33, ge=0.0, le=1.0)
+    class_ratios: list[float] | None = None
+    # memory: preprocessed volumes cached in RAM; disk: cached under cache_dir (default RUN_DIR/cache); none.
+    cache: Literal["memory", "disk", "none"] = "memory"
+    cache_dir: Path | None = None
+    num_workers: int = Field(1, ge=0)
+
+
+class AugmentConfig(_Section):
+    flip_prob: float = Field(0.5, ge=0, le=1)  # per axis
+    affine_prob: float = Field(0.2, ge=0, le=1)
+    rotate_deg: float = Field(15.0, ge=0)  # about the slice axis; out of plane it is a third of this
+    scale_range: float = Field(0.1, ge=0, lt=1)
+    intensity_scale_prob: float = Field(0.15, ge=0, le=1)
+    intensity_scale: float = Field(0.1, ge=0)
+    intensity_shift_prob: float = Field(0.15, ge=0, le=1)
+    intensity_shift: float = Field(0.1, ge=0)
+    noise_prob: float = Field(0.1, ge=0, le=1)
+    noise_std: float = Field(0.1, ge=0)
+
+
+class LossConfig(_Section):
+    """DiceCE on the main logits plus weighted auxiliary terms (each variant uses the ones it has)."""
+
+    dice_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(1.0, ge=0)
+    deep_supervision: float = Field(0.5, ge=0)  # level i weighs deep_supervision ** i
+    pam: float = Field(0.4, ge=0)  # DANet position-attention branch
+    cam: float = Field(0.4, ge=0)  # DANet channel-attention branch
+    se: float = Field(0.2, ge=0)  # EncNet SE-loss
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1)
+    iterations_per_epoch: int = Field(250, ge=1)
+    batch_size: int = Field(2, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1)  # SGD (Nesterov), as nnU-Net
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = Field(0.9, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = Field(12.0, gt=0)
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    seed: int = 0
+    val_every: int = Field(1, ge=1)
+    # Stop when the mean foreground Dice has not improved for this many validations; null = never.
+    early_stop: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU; null = torch's default
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> TrainConfig:
+        if self.fold >= self.folds:
+            raise ValueError(f"fold must be in 0..{self.folds - 1}, got {self.fold}")
+        return self
+
+
+class InferenceConfig(_Section):
+    """Sliding-window prediction, shared by validation and `seg3d infer`."""
+
+    overlap: float = Field(0.5, ge=0, lt=1)
+    sw_batch_size: int = Field(2, ge=1)
+    sigma_scale: float = Field(0.125, gt=0)  # Gaussian blending, sigma = patch * sigma_scale (nnU-Net: 1/8)
+
+
+class PostprocessConfig(_Section):
+    largest_component: bool = True  # keep the largest connected component of each foreground class
+    tumour_inside_pancreas: bool = True
+
+
+class Config(_Section):
+    experiment: str = "seg3d"
+    # Model-registry name of the bundle; null = "seg3d-<model name>".
+    registered_model: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+    @field_validator("experiment")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def registry_name(self) -> str:
+        return self.registered_model or f"seg3d-{self.model.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict of every setting (defaults included)."""
+        return self.model_dump(mode="json")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    """One line for the first problem pydantic found, naming the dotted key and the fix."""
+    problems = err.errors()
+    first = problems[0]
+    loc = list(first["loc"])
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        section = _section_at(tuple(loc[:-1]))
+        valid = f"; valid keys here: {', '.join(section.model_fields)}" if section else ""
+        return f"{source}: unknown key '{'.'.join(map(str, loc))}'{valid}"
+    if first["type"] in ("missing", "too_long", "too_short") and loc and isinstance(loc[-1], int):
+        loc = loc[:-1]  # a tuple of the wrong length: name the key, not the index
+        return f"{source}: '{'.'.join(map(str, loc))}' has the wrong number of values{more}"
+    key = ".".join(map(str, loc)) or "(top level)"
+    if first["type"] == "value_error":
+        return f"{source}: '{key}': {first['msg'].removeprefix('Value error, ')}{more}"
+    return f"{source}: '{key}': {first['msg']}, got {first.get('input')!r}{more}"
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    cls: type[BaseModel] | None = Config
+    for part in loc:
+        field = cls.model_fields.get(str(part)) if cls else None
+        ann = field.annotation if field else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return cls
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML, so lists and nulls work."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise Seg3dError(f"override {text!r} is not key=value (e.g. train.epochs=5)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise Seg3dError(f"override {text!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise Seg3dError(f"config file {path} not found; see configs/ for examples")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise Seg3dError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise Seg3dError(f"{path}: a config is a mapping of sections (model:, data:, train:, ...)")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise Seg3dError(_describe(err, source)) from None
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise Seg3dError(_describe(err, source)) from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -82,10 +82,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_cli_train_with_an_unknown_key_is_one_line_and_exit_2(tmp_path, capsys):
-    code = main(
-        ["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--data", str(tmp_path), "--output", str(tmp_path / "r")]
-        + ["train.epoch=1"]
-    )
+    config = str(ROOT / "configs" / "demo.yaml")
+    out = str(tmp_path / "r")
+    code = main(["train", "--config", config, "--data", str(tmp_path), "--output", out, "train.epoch=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("seg3d train: error:") and "train.epoch" in err[0]

@@ -53,8 +53,9 @@ class ModelConfig(_Section):
         return v
 
     def overrides(self) -> dict[str, Any]:
-        """The options the config sets explicitly; the variant's own defaults fill in the rest."""
-        return {k: v for k, v in self.model_dump(exclude_unset=True).items() if k != "name"}
+        """The options the config sets; null (or absent) keeps the variant's own default, so a resolved config
+        written with every key still rebuilds the same network."""
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
 
 
 class IntensityConfig(_Section):
@@ -115,6 +116,8 @@ class LossConfig(_Section):
 
     dice_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(1.0, ge=0)
+    # Dice over the whole batch rather than per patch (nnU-Net's batch_dice): stabler for small structures.
+    batch_dice: bool = True
     deep_supervision: float = Field(0.5, ge=0)  # level i weighs deep_supervision ** i
     pam: float = Field(0.4, ge=0)  # DANet position-attention branch
     cam: float = Field(0.4, ge=0)  # DANet channel-attention branch

@@ -98,15 +98,16 @@ def overlay_png(
 def curves_png(path: Path, history: list[dict], class_names: list[str]) -> Path:
     """Training loss and validation Dice (per class and mean) against the epoch."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [h["epoch"] for h in history]
+    epochs = [h["epoch"] + 1 for h in history]  # 1-based for people; MLflow steps stay 0-based
     left.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     left.set_xlabel("epoch")
     left.set_ylabel("loss")
     left.legend()
     validated = [h for h in history if "val_dice_mean" in h]
+    val_epochs = [h["epoch"] + 1 for h in validated]
     for name in class_names[1:]:
-        right.plot([h["epoch"] for h in validated], [h.get(f"val_dice_{name}", np.nan) for h in validated], label=name)
-    right.plot([h["epoch"] for h in validated], [h["val_dice_mean"] for h in validated], "k--", label="mean")
+        right.plot(val_epochs, [h.get(f"val_dice_{name}", np.nan) for h in validated], label=name)
+    right.plot(val_epochs, [h["val_dice_mean"] for h in validated], "k--", label="mean")
     right.set_xlabel("epoch")
     right.set_ylabel("validation Dice")
     right.set_ylim(0, 1)

@@ -178,6 +178,9 @@ def make_phantom(rng: np.random.Generator, spec: CaseSpec) -> tuple[np.ndarray, 
         img[m] = HU["pancreas"] + 12 * lobules[m]
         img[m & (lobules < -1.6)] = HU["fat"] * 0.4  # fatty clefts between lobules
 
+    # Peripancreatic fat: a plane of retroperitoneal fat separates the gland from liver, spleen and bowel, as in
+    # real CT; without it the gland would sit inside the liver and spleen ellipsoids with no visible border.
+    paint(g.tube(curve, radii + 4.0) & ~duo_mask, HU["fat"], 6)
     pancreas = g.tube(curve, radii) & ~duo_mask
     paint_pancreas_like(pancreas)
     label = np.zeros(spec.shape, dtype=np.uint8)

@@ -139,7 +139,12 @@ class SegLoss(nn.Module):
         super().__init__()
         lc = cfg.loss
         self.dice_ce = DiceCELoss(
-            include_background=False, to_onehot_y=True, softmax=True, lambda_dice=lc.dice_weight, lambda_ce=lc.ce_weight
+            include_background=False,
+            to_onehot_y=True,
+            softmax=True,
+            batch=lc.batch_dice,
+            lambda_dice=lc.dice_weight,
+            lambda_ce=lc.ce_weight,
         )
         self.names = output_names
         self.num_classes = num_classes

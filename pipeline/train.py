@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -214,7 +215,10 @@ def _make_train_dataset(cfg: Config, pre: Preprocessing, records: list[dict], ru
     if cfg.data.cache == "memory":
         return CacheDataset(records, transform, num_workers=min(4, os.cpu_count() or 1), progress=False)
     if cfg.data.cache == "disk":
-        cache_dir = cfg.data.cache_dir or (run_dir / "cache")
+        # MONAI keys cached items by the record alone; a folder per preprocessing keeps a cache_dir shared by runs
+        # with other statistics, spacing or patch size from serving stale volumes.
+        key = hashlib.sha256((pre.to_json() + json.dumps(cfg.data.model_dump(mode="json"))).encode()).hexdigest()[:16]
+        cache_dir = (cfg.data.cache_dir or (run_dir / "cache")) / key
         cache_dir.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(records, transform, cache_dir=cache_dir)
     return MonaiDataset(records, transform)

@@ -258,3 +258,17 @@ def test_training_against_a_real_mlflow_server(phantom, tmp_path, mlflow_server)
     assert version.run_id == result.run_id
     local = download_artifacts(f"models:/seg3d-server-test/{version.version}", tmp_path / "dl", mlflow_server)
     assert load_bundle(local).config.model.name == "attention_unet"
+
+
+@pytest.mark.slow
+def test_disk_cache_trains_exactly_like_the_memory_cache(phantom, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    memory = train(_cfg("train.epochs=1"), phantom, tmp_path / "mem", tracking_uri=uri, progress=False)
+    disk = train(
+        _cfg("train.epochs=1", "data.cache=disk"), phantom, tmp_path / "disk", tracking_uri=uri, progress=False
+    )
+    cached = list((tmp_path / "disk" / "cache").glob("*/*.pt"))
+    split = json.loads((tmp_path / "disk" / "split.json").read_text())
+    assert len(cached) == len(split["train"]), "one preprocessed volume per training case on disk"
+    wm, wd = _weights(memory.run_dir), _weights(disk.run_dir)
+    assert all(torch.equal(wm[k], wd[k]) for k in wm)

@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.layers
 	$(PY) -m benchmarks.models
+	$(PY) -m benchmarks.loader
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -95,7 +95,9 @@ class DataConfig(_Section):
     # memory: preprocessed volumes cached in RAM; disk: cached under cache_dir (default RUN_DIR/cache); none.
     cache: Literal["memory", "disk", "none"] = "memory"
     cache_dir: Path | None = None
-    num_workers: int = Field(1, ge=0)
+    # DataLoader worker processes; null = none when training on the CPU (a loader process would only take cores
+    # from the network: benchmarks/loader.py) and half the cores, at most 8, when training on a GPU.
+    num_workers: int | None = Field(None, ge=0)
 
 
 class AugmentConfig(_Section):

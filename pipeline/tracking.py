@@ -18,6 +18,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -356,9 +357,14 @@ class Tracker:
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
         """Log a table (column name -> values) as a JSON artifact that the MLflow UI shows as a table."""
         run_id = self._require_run()
-        self._attempt(
-            f"log_table {artifact_file}", lambda: self._client.log_table(run_id, dict(columns), artifact_file)
-        )
+
+        def send() -> None:
+            with warnings.catch_warnings():  # MLflow's own pandas usage warns about pandas 4; not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._client.log_table(run_id, dict(columns), artifact_file)
+
+        self._attempt(f"log_table {artifact_file}", send)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         run_id = self._require_run()

@@ -224,7 +224,13 @@ def _make_train_dataset(cfg: Config, pre: Preprocessing, records: list[dict], ru
     return MonaiDataset(records, transform)
 
 
-def _epoch_loader(cfg: Config, dataset, epoch: int) -> DataLoader:
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    return min(8, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+
+
+def _epoch_loader(cfg: Config, dataset, epoch: int, workers: int) -> DataLoader:
     """A loader for one epoch whose sampling and augmentation depend only on (seed, epoch): a resumed run sees
     the same patches it would have seen without the interruption."""
     t, d = cfg.train, cfg.data
@@ -238,9 +244,9 @@ def _epoch_loader(cfg: Config, dataset, epoch: int) -> DataLoader:
     sampler = torch.utils.data.RandomSampler(
         dataset, replacement=True, num_samples=t.iterations_per_epoch * volumes, generator=generator
     )
-    if d.num_workers == 0:
+    if workers == 0:
         dataset.transform.set_random_state(seed=seed % (2**32))
-    return DataLoader(dataset, batch_size=volumes, sampler=sampler, num_workers=d.num_workers, generator=generator)
+    return DataLoader(dataset, batch_size=volumes, sampler=sampler, num_workers=workers, generator=generator)
 
 
 def validate(predictor: Predictor, val_data, num_classes: int) -> dict[str, list[float]]:
@@ -391,6 +397,7 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
     train_ds = _make_train_dataset(cfg, pre, train_records, run_dir)
     val_ds = CacheDataset(val_records, validation_transforms(pre), progress=False) if val_records else []
     predictor = Predictor(model, pre, cfg.data.patch_size, cfg.inference, None, device, cfg.train.precision)
+    workers = loader_workers(cfg, device)
 
     # -- tracking
     tags = {
@@ -445,7 +452,7 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             model.train()
-            loader = _epoch_loader(cfg, train_ds, epoch)
+            loader = _epoch_loader(cfg, train_ds, epoch, workers)
             t0, losses = time.perf_counter(), []
             bar = tqdm(
                 total=cfg.train.iterations_per_epoch,

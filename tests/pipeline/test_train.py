@@ -272,3 +272,21 @@ def test_disk_cache_trains_exactly_like_the_memory_cache(phantom, tmp_path):
     assert len(cached) == len(split["train"]), "one preprocessed volume per training case on disk"
     wm, wd = _weights(memory.run_dir), _weights(disk.run_dir)
     assert all(torch.equal(wm[k], wd[k]) for k in wm)
+
+
+def test_early_stop_ends_training_when_validation_stops_improving(phantom, tmp_path):
+    """With a learning rate too small to change anything, the second validation cannot beat the first."""
+    cfg = _cfg("train.epochs=5", "train.iterations_per_epoch=1", "train.early_stop=1", "train.lr=1e-12")
+    result = train(cfg, phantom, tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", progress=False)
+    assert result.epochs == 2 and result.best_epoch == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["stopped_early"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_on_cuda(phantom, tmp_path, precision):
+    cfg = _cfg("train.epochs=1", "train.device=cuda", f"train.precision={precision}")
+    result = train(cfg, phantom, tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", progress=False)
+    assert np.isfinite(result.history[0]["train_loss"])
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert bool(state["scaler"]) == (precision == "fp16"), "the grad scaler runs for fp16 only"

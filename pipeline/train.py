@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -282,9 +283,15 @@ def train(
 ) -> TrainResult:
     """Train one fold; see the module docstring. `cfg` may be None with resume=True (the stored config is used)."""
     run_dir = Path(output)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        return _train_locked(cfg, Path(data), run_dir, tracking_uri, resume, config_path, progress)
+    try:
+        with RunLock(run_dir):
+            return _train_locked(cfg, Path(data), run_dir, tracking_uri, resume, config_path, progress)
+    except Seg3dError:
+        if created and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before anything was written: leave no trace
+        raise
 
 
 def _prepare_run_dir(cfg: Config | None, run_dir: Path, resume: bool) -> tuple[Config, dict | None, dict]:
@@ -359,13 +366,6 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
     else:
         pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
 
-    if not resume:
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=2))
-        atomic_write_text(run_dir / "preprocessing.json", pre.to_json())
-        if config_path is not None:
-            atomic_write_text(run_dir / "config.source.yaml", Path(config_path).read_text())
-
     # -- model, optimiser, precision
     device = pick_device(cfg.train.device)
     if cfg.train.threads:
@@ -410,46 +410,54 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
         "fold": str(cfg.train.fold),
     }
     run_id = tracker.start(run_name=run_info.get("run_name", run_dir.name), tags=tags, run_id=run_info.get("run_id"))
-    run_info = {
-        "run_id": run_id,
-        "run_name": run_info.get("run_name", run_dir.name),
-        "tracking_uri": tracker.uri,
-        "experiment": cfg.experiment,
-        "data": str(Path(data).resolve()),
-    }
-    atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-    if state is None:  # a fresh run, or one killed before its first checkpoint (same values: MLflow accepts)
-        spacings = np.array([infos[c].spacing_ras for c in split["train"]])
-        tracker.log_params(cfg.to_dict())
-        tracker.log_params(
-            {
-                "dataset": {
-                    "path": str(Path(data).resolve()),
-                    "cases": len(dataset.cases),
-                    "train_cases": len(split["train"]),
-                    "val_cases": len(split["val"]),
-                    "median_spacing_mm": [round(float(s), 3) for s in np.median(spacings, axis=0)],
-                    "datalist_hash": dataset.fingerprint(),
-                    "labels": dict(dataset.labels),
-                },
-                "preprocessing": {
-                    "target_spacing_mm": [round(s, 3) for s in pre.target_spacing],
-                    "clip_hu": [round(c, 1) for c in pre.clip],
-                    "mean": round(pre.mean, 2),
-                    "std": round(pre.std, 2),
-                },
-                "model": {"parameters": sum(p.numel() for p in model.parameters())},
-            }
-        )
-        if config_path is not None:
-            tracker.log_artifact(Path(config_path), "config")
-    else:
-        _resend_missing_epochs(tracker, history)
-
-    # -- epochs
     show = progress  # None: a bar on a terminal only
     stale = 0
     try:
+        run_info = {
+            "run_id": run_id,
+            "run_name": run_info.get("run_name", run_dir.name),
+            "tracking_uri": tracker.uri,
+            "experiment": cfg.experiment,
+            "data": str(Path(data).resolve()),
+        }
+        # The run's files are written only now that everything a user can get wrong has been checked, so a
+        # mistake leaves no half-made run behind that would demand --resume.
+        if not resume:
+            save_config(cfg, run_dir / "config.yaml")
+            atomic_write_text(run_dir / "split.json", json.dumps(split, indent=2))
+            atomic_write_text(run_dir / "preprocessing.json", pre.to_json())
+            if config_path is not None:
+                atomic_write_text(run_dir / "config.source.yaml", Path(config_path).read_text())
+        atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
+        if state is None:  # a fresh run, or one killed before its first checkpoint (same values: MLflow accepts)
+            spacings = np.array([infos[c].spacing_ras for c in split["train"]])
+            tracker.log_params(cfg.to_dict())
+            tracker.log_params(
+                {
+                    "dataset": {
+                        "path": str(Path(data).resolve()),
+                        "cases": len(dataset.cases),
+                        "train_cases": len(split["train"]),
+                        "val_cases": len(split["val"]),
+                        "median_spacing_mm": [round(float(s), 3) for s in np.median(spacings, axis=0)],
+                        "datalist_hash": dataset.fingerprint(),
+                        "labels": dict(dataset.labels),
+                    },
+                    "preprocessing": {
+                        "target_spacing_mm": [round(s, 3) for s in pre.target_spacing],
+                        "clip_hu": [round(c, 1) for c in pre.clip],
+                        "mean": round(pre.mean, 2),
+                        "std": round(pre.std, 2),
+                    },
+                    "model": {"parameters": sum(p.numel() for p in model.parameters())},
+                }
+            )
+            if config_path is not None:
+                tracker.log_artifact(Path(config_path), "config")
+        else:
+            _resend_missing_epochs(tracker, history)
+
+        # -- epochs
         for epoch in range(start_epoch, cfg.train.epochs):
             model.train()
             loader = _epoch_loader(cfg, train_ds, epoch, workers)

@@ -216,6 +216,13 @@ def test_a_dataset_with_errors_is_refused_naming_check_data(tmp_path):
     nib.save(nib.Nifti1Image(arr, img.affine, img.header), label)
     with pytest.raises(Seg3dError, match=r"1 problem\(s\), first: pancreas_002: .*seg3d check-data"):
         train(_cfg(), data, tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "run").exists(), "a refused run leaves no folder behind"
+
+
+def test_a_bad_model_option_is_refused_before_the_run_folder_is_written(phantom, tmp_path):
+    with pytest.raises(Seg3dError, match="skip must be one of"):
+        train(_cfg("model.skip=gates"), phantom, tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

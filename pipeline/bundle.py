@@ -50,11 +50,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync the result, then rename it onto `path` (same folder, so the rename is atomic)."""
+def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
+    """Call `write(tmp_path)`, fsync the result, then rename it onto `path` (same folder, so the rename is atomic).
+    `suffix` ends the temporary name, for writers that choose the format by extension (".nii.gz")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -63,6 +63,54 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.infer import run_inference, summarize
+
+    summary = run_inference(
+        args.model,
+        args.input,
+        args.output,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+        precision=args.precision,
+        tta=args.tta,
+        postprocess=not args.no_postprocess,
+        overlap=args.overlap,
+        save_probabilities=args.save_probabilities,
+        dicom_seg=args.dicom_seg,
+        overlays=args.overlays,
+        overwrite=args.overwrite,
+        shard=args.shard,
+    )
+    if len(summary.done) + len(summary.skipped) + len(summary.failed) > 1 or not summary.failed:
+        print(summarize(summary))
+    return 2 if summary.failed else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.data import parse_labels
+    from pipeline.evaluate import CSV_NAME, JSON_NAME, evaluate
+
+    report = evaluate(
+        pred=args.pred,
+        ref=args.ref,
+        output=args.output,
+        labels=parse_labels(args.labels) if args.labels else None,
+        tolerance_mm=args.tolerance,
+        allow_missing=args.allow_missing,
+        overwrite=args.overwrite,
+        mlflow_run=args.mlflow_run,
+        tracking_uri=args.tracking_uri,
+    )
+    if report.unmatched_text:
+        print(f"seg3d evaluate: warning: left out {report.unmatched_text}", file=sys.stderr)
+    print(report.format())
+    print(f"wrote {args.output / CSV_NAME} and {args.output / JSON_NAME}")
+    if args.mlflow_run:
+        print(f"logged the means and both files to MLflow run {args.mlflow_run}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -138,6 +186,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="select classes by label value, e.g. pancreas=7 (sets data.labels)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=50")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", help="Dice, HD95, NSD and volume difference per case and class, against reference labels"
+    )
+    p.add_argument("--pred", type=Path, required=True, help="a predicted label map (NIfTI) or a folder of them")
+    p.add_argument("--ref", type=Path, required=True, help="the reference label map or folder, matched by case id")
+    p.add_argument("--output", type=Path, required=True, help="folder for metrics.csv and metrics.json")
+    p.add_argument(
+        "--labels", default=None, help="classes as NAME=VALUE pairs (default: MSD Task07, pancreas=1,cancer=2)"
+    )
+    p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default: 2.0)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="evaluate the matched cases only, with a warning, instead of failing on unmatched case ids",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace metrics.csv and metrics.json in --output")
+    p.add_argument("--mlflow-run", default=None, metavar="RUN_ID", help="also log the results to this MLflow run")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI of --mlflow-run (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("infer", help="segment CT scans with a trained model, in each scan's own geometry")
+    p.add_argument("--model", required=True, help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+    p.add_argument(
+        "--input", type=Path, required=True, help="a NIfTI file, a DICOM series folder, a NIfTI folder or a datalist"
+    )
+    p.add_argument(
+        "--output", type=Path, required=True, help="a .nii.gz file for one input, else a folder (<case>.nii.gz)"
+    )
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ models")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32",
+    )
+    p.add_argument("--tta", action="store_true", help="average over all 8 mirrorings (8x slower)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep every connected component")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probabilities.npz (float16)")
+    p.add_argument("--dicom-seg", action="store_true", help="for a DICOM series, also write <case>_seg.dcm")
+    p.add_argument("--overlays", action="store_true", help="PNG overlays (and attention-gate maps) in overlays/")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    p.add_argument("--shard", default=None, help="i/n: every n-th case from the i-th (default: RANK/WORLD_SIZE)")
+    p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser(
         "demo", help="synthesise CT, train an Attention U-Net for a few minutes, evaluate, log to MLflow"

@@ -132,6 +132,24 @@ def load_dataset(path: Path | str, labels: dict[str, int] | None = None) -> Data
     return Dataset(cases=cases, test=test, labels=labels, exhaustive=exhaustive, source=path)
 
 
+def list_images(path: Path | str) -> list[Case]:
+    """Every image of a datalist (an MSD dataset.json or a CSV), labelled or not, for inference: unlike
+    load_dataset, a list of images without labels is fine here."""
+    path = Path(path)
+    if path.is_dir() and (path / "dataset.json").is_file():
+        path = path / "dataset.json"
+    if path.suffix.lower() == ".json":
+        cases, test, _ = _load_msd(path)
+    elif path.suffix.lower() == ".csv":
+        cases, test = _load_csv(path)
+    else:
+        raise Seg3dError(f"{path} is not a datalist; give an MSD dataset.json or a CSV with the header case,image")
+    duplicates = sorted(name for name, n in Counter(c.case for c in cases + test).items() if n > 1)
+    if duplicates:
+        raise Seg3dError(f"case ids used more than once in {path}: {', '.join(duplicates)}; make them unique")
+    return cases + test
+
+
 def case_id(path: Path) -> str:
     """The file name without .nii.gz/.nii and without nnU-Net's single-channel suffix _0000."""
     name = path.name

@@ -94,7 +94,7 @@ def run_demo(
 
     print("[4/4] logging the test Dice and overlays to the MLflow run")
     tracker = Tracker(result.tracking_uri, cfg.experiment, output / "run")
-    tracker.start(run_name=output.name, tags={}, run_id=result.run_id)
+    tracker.attach(result.run_id)
     tracker.log_metrics({f"test_dice_{n}": v for n, v in test_dice.items() if np.isfinite(v)}, step=result.epochs)
     for path in overlays:
         tracker.log_artifact(path, "test_overlays")

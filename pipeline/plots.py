@@ -87,7 +87,8 @@ def overlay_png(
             hx.set_title(f"{names[col]}: {extra_name}")
             hx.axis("off")
     legend = [f"{n} ({COLOURS[(i - 1) % len(COLOURS)]})" for i, n in enumerate(label_names) if i > 0]
-    fig.suptitle(f"{title}\nreference solid, prediction dashed; " + ", ".join(legend), fontsize=10)
+    styles = ", ".join(s for s, m in (("reference solid", ref), ("prediction dashed", pred)) if m is not None)
+    fig.suptitle(f"{title}\n{styles}; " + ", ".join(legend), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))

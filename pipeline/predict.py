@@ -1,26 +1,35 @@
-"""Predictor: files -> arrays -> logits, with the bundle's own preprocessing (nnU-Net's layered predictor).
+"""Predictor: files -> arrays -> logits, with the bundle's own preprocessing (nnU-Net's layered predictor), and the
+writers that put a prediction back into the input's geometry.
 
-One sliding-window path serves validation during training and `seg3d infer`: MONAI's SlidingWindowInferer with
-Gaussian blending (sigma = patch * sigma_scale, 1/8 as nnU-Net) and batched windows. Predictions are mapped
-back into the input's own voxel grid by inverting the preprocessing (crop, resampling, orientation): the
-class probabilities are resampled, then the argmax taken, so boundaries are not nearest-neighbour blocky.
+One sliding-window path serves validation during training and `seg3d infer`: MONAI's sliding-window inference with
+Gaussian blending (sigma = patch * sigma_scale, 1/8 as nnU-Net) and batched windows, optionally mirrored over all
+8 flip combinations (test-time augmentation). Predictions are mapped back into the input's own voxel grid by
+inverting the preprocessing (crop, resampling, orientation): the class probabilities are resampled, then the
+argmax taken, so boundaries are not nearest-neighbour blocky.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import itertools
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import sliding_window_inference
 from scipy import ndimage
 from torch import nn
 
+from pipeline.bundle import atomic_write
 from pipeline.config import InferenceConfig, PostprocessConfig
+from pipeline.errors import Seg3dError
 from pipeline.transforms import IMAGE, Preprocessing, as_record, inference_transforms
+
+FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]  # the 8 mirrorings of (B, C, X, Y, Z)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -53,8 +62,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def postprocess(labels: np.ndarray, names: list[str], cfg: PostprocessConfig) -> np.ndarray:
     """Keep the largest connected foreground structure (all foreground classes together: a tumour belongs to
-    its organ), then, per class, its largest component; a tumour class survives only inside or touching the
-    pancreas kept. Class names decide which is the tumour ("cancer"/"tumour") and which the organ."""
+    its organ); a tumour class survives only inside or touching the pancreas kept. Class names decide which is
+    the tumour ("cancer"/"tumour") and which the organ."""
     if not cfg.largest_component and not cfg.tumour_inside_pancreas:
         return labels
     out = labels.copy()
@@ -81,11 +90,38 @@ def postprocess(labels: np.ndarray, names: list[str], cfg: PostprocessConfig) ->
 class Prediction:
     labels: np.ndarray  # uint8 class indices in the input's stored voxel grid
     affine: np.ndarray  # the input's RAS affine
-    probabilities: np.ndarray | None = None  # (K, *S) float, input grid, when asked for
+    probabilities: np.ndarray | None = None  # (K, *S) float32 in the input grid, when asked for
+    gate: np.ndarray | None = None  # the finest attention-gate map in [0, 1], input grid, when asked for
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class _Timed(nn.Module):
+    """The network as the sliding window sees it: times its own forward calls (the rest of the sliding window is
+    stitching) and appends the finest attention-gate map as one more channel when asked to, so that the gate
+    is blended and inverted exactly like the logits."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, gates: bool):
+        super().__init__()
+        self.model, self.device, self.dtype, self.gates = model, device, dtype, gates
+        self.seconds = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        with autocast(self.device, self.dtype):
+            if self.gates:
+                logits, gates = self.model(x, return_gates=True)
+                out = torch.cat([logits.float(), gates[0].float()], dim=1)
+            else:
+                out = self.model(x).float()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 class Predictor:
-    """Layered: `predict_file` (path -> Prediction) -> `predict_preprocessed` (tensor -> logits)."""
+    """Layered: `predict_file` (path -> Prediction in the input grid) -> `predict_probabilities` (preprocessed
+    tensor -> class probabilities) -> `predict_preprocessed` (preprocessed tensor -> logits)."""
 
     def __init__(
         self,
@@ -96,49 +132,252 @@ class Predictor:
         postprocessing: PostprocessConfig | None = None,
         device: str | torch.device = "cpu",
         precision: str = "auto",
+        tta: bool = False,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.pre = pre
         self.dtype = resolve_precision(precision, self.device)
         self.postprocessing = postprocessing
-        self.inferer = SlidingWindowInferer(
-            roi_size=tuple(patch_size),
-            sw_batch_size=inference.sw_batch_size,
-            overlap=inference.overlap,
-            mode="gaussian",
-            sigma_scale=inference.sigma_scale,
-            device=self.device,
-            sw_device=self.device,
-        )
+        self.patch_size = tuple(patch_size)
+        self.inference = inference
+        self.tta = tta
         self.transforms = inference_transforms(pre)
 
     @classmethod
-    def from_bundle(cls, bundle, device: str | torch.device = "cpu", precision: str = "auto") -> Predictor:
+    def from_bundle(
+        cls,
+        bundle,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        tta: bool = False,
+        postprocess: bool = True,
+        overlap: float | None = None,
+    ) -> Predictor:
         cfg = bundle.config
+        inference = cfg.inference if overlap is None else cfg.inference.model_copy(update={"overlap": overlap})
         return cls(
-            bundle.model, bundle.preprocessing, cfg.data.patch_size, cfg.inference, cfg.postprocess, device, precision
+            bundle.model,
+            bundle.preprocessing,
+            cfg.data.patch_size,
+            inference,
+            cfg.postprocess if postprocess else None,
+            device,
+            precision,
+            tta,
+        )
+
+    @property
+    def has_gates(self) -> bool:
+        return getattr(getattr(self.model, "config", None), "skip", None) == "gate"
+
+    def _accumulator_device(self, spatial: tuple[int, ...], channels: int) -> torch.device:
+        """The full-volume sums live on the GPU when they fit comfortably (output and weight maps, float32), else
+        in host memory: a CT of 512 x 512 x 1000 needs about 4 GiB of them per class."""
+        if self.device.type != "cuda":
+            return self.device
+        need = (channels + 1) * int(np.prod(spatial)) * 4
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if need < 0.5 * free else torch.device("cpu")
+
+    def _window(self, x: torch.Tensor, network: nn.Module) -> torch.Tensor:
+        inf = self.inference
+        return sliding_window_inference(
+            x,
+            roi_size=self.patch_size,
+            sw_batch_size=inf.sw_batch_size,
+            predictor=network,
+            overlap=inf.overlap,
+            mode="gaussian",
+            sigma_scale=inf.sigma_scale,
+            sw_device=self.device,
+            device=self._accumulator_device(tuple(x.shape[2:]), self.pre.num_classes + 1),
         )
 
     @torch.no_grad()
     def predict_preprocessed(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, *S) float32 for a preprocessed image (B, 1, *S)."""
-        x = torch.as_tensor(image).to(self.device, torch.float32)
-        with autocast(self.device, self.dtype):
-            logits = self.inferer(x, self.model)
-        return torch.as_tensor(logits).float()
+        """Logits (B, K, *S) float32 for a preprocessed image (B, 1, *S); no mirroring (validation)."""
+        network = _Timed(self.model, self.device, self.dtype, gates=False)
+        return torch.as_tensor(self._window(torch.as_tensor(image).float(), network))
 
-    def predict_file(self, image: Path | str, case: str | None = None, probabilities: bool = False) -> Prediction:
+    @torch.no_grad()
+    def predict_probabilities(self, image: torch.Tensor, gates: bool = False) -> tuple[torch.Tensor, float]:
+        """Class probabilities (B, K, *S), averaged over the 8 mirrorings with TTA; with `gates`, the blended
+        finest gate map is channel K. Returns them and the seconds spent inside the network."""
+        network = _Timed(self.model, self.device, self.dtype, gates and self.has_gates)
+        x = torch.as_tensor(image).float()
+        k = self.pre.num_classes
+        total = None
+        for dims in FLIPS if self.tta else [()]:
+            out = self._window(torch.flip(x, dims) if dims else x, network)
+            out = torch.flip(out, dims) if dims else out
+            out[:, :k] = torch.softmax(out[:, :k], dim=1)
+            total = out if total is None else total.add_(out)
+        if self.tta:
+            total /= len(FLIPS)
+        return total, network.seconds
+
+    def predict_file(
+        self, image: Path | str, case: str | None = None, probabilities: bool = False, gates: bool = False
+    ) -> Prediction:
         """A CT file or DICOM folder -> labels in the file's own voxel grid (same shape and affine)."""
-        data = self.transforms(as_record(case or Path(image).name, image))
-        img: MetaTensor = data[IMAGE]
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        data = self.transforms(as_record(case or Path(image).name, image), end=1)  # read
+        timings["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        data = self.transforms(data, start=1)
+        img: MetaTensor = data.pop(IMAGE)
+        timings["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+        probs, network_s = self.predict_probabilities(img[None].as_tensor(), gates=gates)
+        timings["network"] = network_s
+        timings["stitch"] = time.perf_counter() - t - network_s
+        t = time.perf_counter()
         original_affine = np.asarray(img.meta["original_affine"], dtype=np.float64)
-        probs = torch.softmax(self.predict_preprocessed(img[None].as_tensor())[0], dim=0).cpu()
-        out = MetaTensor(probs, meta=dict(img.meta))  # the meta carries the preprocessed affine
+        out = MetaTensor(probs[0].cpu(), meta=dict(img.meta))  # the meta carries the preprocessed affine
         out.applied_operations = list(img.applied_operations)
-        inverted = self.transforms.inverse({IMAGE: out})[IMAGE]
-        probs_in = torch.as_tensor(inverted)
-        labels = probs_in.argmax(0).numpy().astype(np.uint8)
+        del img, probs
+        inverted = torch.as_tensor(self.transforms.inverse({IMAGE: out})[IMAGE])
+        del out
+        k = self.pre.num_classes
+        labels = inverted[:k].argmax(0).to(torch.uint8).numpy()
         if self.postprocessing is not None:
             labels = postprocess(labels, self.pre.label_names, self.postprocessing)
-        return Prediction(labels, original_affine, probs_in.numpy() if probabilities else None)
+        timings["invert"] = time.perf_counter() - t
+        gate = inverted[k].clamp(0, 1).numpy() if gates and self.has_gates else None
+        return Prediction(labels, original_affine, inverted[:k].numpy() if probabilities else None, gate, timings)
+
+
+# -- writers: every output in the input's own geometry, written atomically ----------------------------------------
+
+
+def _save_nifti(array: np.ndarray, source: Path, affine: np.ndarray, out: Path, dtype) -> Path:
+    """Save with the source NIfTI's own header (qform and sform with their codes, units), so the output has
+    exactly its geometry; for a DICOM series, a header made from the series' affine."""
+    if source.is_file():
+        header = nib.load(source).header.copy()
+        img = nib.Nifti1Image(array, None, header=header)
+        img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+        img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+    else:
+        img = nib.Nifti1Image(array, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    atomic_write(out, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+    return out
+
+
+def label_values(labels: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Class indices -> the values the training label files used (pancreas=7 for a TotalSegmentator selection)."""
+    if pre.label_values == list(range(pre.num_classes)):
+        return labels.astype(np.uint8, copy=False)
+    lut = np.asarray(pre.label_values, dtype=np.uint8)
+    return lut[labels]
+
+
+def write_labels(prediction: Prediction, pre: Preprocessing, source: Path, out: Path) -> Path:
+    """uint8 label map with the training label values, in exactly the source's geometry."""
+    return _save_nifti(label_values(prediction.labels, pre), source, prediction.affine, out, np.uint8)
+
+
+def write_probabilities(prediction: Prediction, pre: Preprocessing, out: Path) -> Path:
+    """Class probabilities as float16 (K, X, Y, Z) in the input's voxel grid, in a .npz with the affine and the
+    class names (as nnU-Net does: NIfTI has no float16 type). Read it with np.load(path) (no pickle needed)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                probabilities=prediction.probabilities.astype(np.float16),
+                affine=prediction.affine,
+                classes=np.asarray(pre.label_names),
+            )
+
+    atomic_write(out, write, suffix=".npz")
+    return out
+
+
+SNOMED = {  # segment property codes for the DICOM SEG (SNOMED CT)
+    "pancreas": ("15776009", "Pancreas", "T-65000"),
+    "cancer": ("108369006", "Neoplasm", "M-80003"),
+}
+
+
+def dicom_seg_sources(series: Path) -> list:
+    """The series' datasets in the volume's z order (GDCM's sorting), checked for what a SEG must reference.
+
+    Some anonymisers blank SOPClassUID/SOPInstanceUID in the data set while the file meta header keeps them;
+    those are taken from the meta header. Blank study or series UIDs cannot be recovered: refused up front, before
+    any compute, since a SEG that references nothing is useless to a PACS."""
+    import pydicom
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(series), reader.GetGDCMSeriesIDs(str(series))[0])
+    sources = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=False)
+        meta = getattr(ds, "file_meta", None)
+        if not ds.get("SOPClassUID") and meta is not None and meta.get("MediaStorageSOPClassUID"):
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        if not ds.get("SOPInstanceUID") and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        missing = [
+            k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)
+        ]
+        if missing:
+            raise Seg3dError(
+                f"DICOM series {series} has no {', '.join(missing)} (in {Path(f).name}); a DICOM SEG must reference "
+                "its source by these UIDs, so --dicom-seg cannot be used with it (the NIfTI output can)"
+            )
+        sources.append(ds)
+    return sources
+
+
+def write_dicom_seg(prediction: Prediction, pre: Preprocessing, series: Path, out: Path, model_name: str) -> Path:
+    """A DICOM Segmentation object referencing the source series, one segment per foreground class."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from pipeline import __version__
+
+    sources = dicom_seg_sources(series)
+    mask = np.ascontiguousarray(prediction.labels.transpose(2, 1, 0))  # (x, y, z) -> (frames, rows, columns)
+    if mask.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
+        raise Seg3dError(f"prediction {mask.shape} does not match the DICOM series in {series}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"seg3d {model_name}", version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    for number, name in enumerate(pre.label_names[1:], start=1):
+        code, meaning, _ = SNOMED.get(name.lower(), ("91723000", "Anatomical structure", ""))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=name,
+                segmented_property_category=codes.cid7150.Tissue,
+                segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=9901,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="seg3d",
+        manufacturer_model_name=model_name,
+        software_versions=__version__,
+        device_serial_number="none",
+        omit_empty_frames=False,
+    )
+    atomic_write(out, lambda tmp: seg.save_as(tmp), suffix=".dcm")
+    return out

@@ -131,6 +131,7 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._ended = False
+        self._attached = False
         self._mlflow_client: mlflow.MlflowClient | None = None
 
     @property
@@ -268,14 +269,13 @@ class Tracker:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.experiment).strip("_") or "experiment"
         return str(db.parent / "mlartifacts" / slug)
 
-    def _resume(self, run_id: str):
+    def _resume(self, run_id: str, set_running: bool = True):
         try:
             run = self._client.get_run(run_id)
         except MlflowException as e:
             if e.error_code == "RESOURCE_DOES_NOT_EXIST":
                 raise Seg3dError(
-                    f"MLflow run {run_id} does not exist at {self.uri}; check the run id and --tracking-uri, or start"
-                    " a new run instead of resuming"
+                    f"MLflow run {run_id} does not exist at {self.uri}; check the run id and --tracking-uri"
                 ) from None
             raise
         if run.info.lifecycle_stage == "deleted":
@@ -283,8 +283,28 @@ class Tracker:
                 f"MLflow run {run_id} at {self.uri} is deleted; restore it with `mlflow runs restore --run-id"
                 f" {run_id}`, or start a new run"
             )
-        self._client.update_run(run_id, status="RUNNING")
+        if set_running:
+            self._client.update_run(run_id, status="RUNNING")
         return run
+
+    def attach(self, run_id: str) -> str:
+        """Log into an existing run without touching its status (evaluation results added to a finished
+        training run must leave it FINISHED, and a FAILED one FAILED); end() then only sends what is pending."""
+        if self.run_id is not None:
+            raise RuntimeError(f"this Tracker already started run {self.run_id}; create one Tracker per run")
+        try:
+            with _bounded_http():
+                run = self._resume(run_id, set_running=False)
+        except Seg3dError:
+            raise
+        except Exception as e:
+            raise Seg3dError(
+                f"could not open MLflow run {run_id} at {self.uri} ({_brief(e)}); check --tracking-uri"
+            ) from e
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        self._ended, self._attached = False, True
+        self._flush_pending()
+        return self.run_id
 
     # ----------------------------------------------------------------------------------------------------------
     # During training: best effort.
@@ -410,6 +430,8 @@ class Tracker:
                 self.pending_file,
             )
         run_id = self.run_id
+        if self._attached:
+            return  # attached to someone else's run: its status is not ours to set
         self._attempt(f"end of run {run_id} as {status}", lambda: self._client.set_terminated(run_id, status))
 
     def __enter__(self) -> Tracker:

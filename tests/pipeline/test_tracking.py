@@ -201,7 +201,7 @@ def test_sqlite_resume_same_run_continues_history(sqlite_uri, tmp_path):
 
 
 def test_start_unknown_run_or_deleted_experiment_is_a_user_error(sqlite_uri, tmp_path):
-    with pytest.raises(Seg3dError, match=r"run 0123456789abcdef does not exist .*start a new run"):
+    with pytest.raises(Seg3dError, match=r"run 0123456789abcdef does not exist at .*check the run id"):
         Tracker(sqlite_uri, "sqlite-errors", tmp_path).start("r", tags={}, run_id="0123456789abcdef")
     client = MlflowClient(tracking_uri=sqlite_uri)
     client.delete_experiment(client.create_experiment("sqlite-deleted"))

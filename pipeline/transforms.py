@@ -161,7 +161,12 @@ class LoadCTd(MapTransform):
                 array = array.astype(np.float32, copy=False)
                 if not np.isfinite(array).all():
                     raise Seg3dError("image holds NaN or Inf voxels; repair or exclude the scan", case=case)
-            meta = {"filename_or_obj": str(d[key]), "original_affine": vol.affine.copy(), "case": case or ""}
+            meta = {
+                "filename_or_obj": str(d[key]),
+                "original_affine": vol.affine.copy(),
+                "original_shape": tuple(array.shape),
+                "case": case or "",
+            }
             d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=vol.affine, meta=meta)
         return d
 

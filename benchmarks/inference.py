@@ -1,0 +1,391 @@
+"""End-to-end inference: `seg3d infer` (attention_unet through its bundle) against MONAI's `AttentionUnet` run by a
+MONAI tutorial pipeline (LoadImaged ... sliding_window_inference ... Invertd, SaveImaged), side by side in one run,
+both trained identically on the demo's phantoms, at the same patch size, overlap and Gaussian blending.
+
+    python -m benchmarks.inference [--quick] [--reuse-models]
+
+Inputs: a CT-sized phantom (512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm), ../shared/data/real_ct/ct.nii.gz and the 4
+phantom test cases. Per run: wall time (model loading included) and the stages load, preprocess, network, stitch,
+invert and write; Dice on the test cases in each case's own geometry.
+Targets (CPU): seg3d at least 3x faster than the fp32 MONAI pipeline at equal or better Dice; the network at least
+85% of the stages; bf16 Dice within 0.005 of fp32. On a GPU machine the section is `inference-gpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import AttentionUnet
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    Invertd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    SaveImaged,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from torch import nn
+
+from attention3d import create_model
+from benchmarks._report import ROOT, table, write_section
+from pipeline.bundle import load_bundle, save_bundle
+from pipeline.config import load_config
+from pipeline.data import check_dataset, load_dataset
+from pipeline.evaluate import dice_per_class, mean_foreground_dice
+from pipeline.imageio import read_volume
+from pipeline.infer import run_inference
+from pipeline.predict import autocast, resolve_precision
+from pipeline.synthetic import CaseSpec, make_phantom, save_atomic, synthesize, to_nifti
+from pipeline.train import SegLoss, _epoch_loader, _make_train_dataset, build_optimizer, kfold_split
+from pipeline.transforms import IMAGE, LABEL, as_record, compute_preprocessing
+
+REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "ct.nii.gz"
+STAGES = ("load", "preprocess", "network", "stitch", "invert", "write")
+BIG = CaseSpec(shape=(512, 512, 200), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
+QUICK_BIG = CaseSpec(shape=(96, 96, 40), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
+
+
+# -- data and training ------------------------------------------------------------------------------------------
+
+
+def make_data(work: Path, quick: bool):
+    """The phantom set `seg3d demo` uses (12 + 4 cases, seed 0), and one CT-sized phantom with its label."""
+    data = work / "data"
+    if not (data / "dataset.json").exists():
+        synthesize(data, cases=5 if quick else 12, seed=0, test_cases=1 if quick else 4, overwrite=True)
+    big = work / "big" / "big_phantom.nii.gz"
+    if not big.exists():
+        big.parent.mkdir(parents=True, exist_ok=True)
+        image, label, affine = make_phantom(np.random.default_rng(123), QUICK_BIG if quick else BIG)
+        save_atomic(to_nifti(image, affine, "RAS"), big)
+        save_atomic(to_nifti(label, affine, "RAS"), big.parent / "big_phantom_label.nii.gz")
+    return load_dataset(data), big
+
+
+def train(model: nn.Module, cfg, dataset, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """pipeline.train's step (same loss, optimiser, schedule, clipping, precision, patches), without validation:
+    both networks keep their final weights."""
+    model.to(device).train()
+    total = cfg.train.epochs * cfg.train.iterations_per_epoch
+    opt, sched = build_optimizer(cfg, model, total)
+    loss_fn = SegLoss(cfg, ["logits"], 3)
+    start, losses = time.perf_counter(), []
+    for epoch in range(cfg.train.epochs):
+        for batch in _epoch_loader(cfg, dataset, epoch, workers=0):  # patches depend on (seed, epoch) only
+            image, label = batch[IMAGE].to(device), batch[LABEL].to(device).long()
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                out = model(image)
+            loss = loss_fn(out, label)
+            loss.backward()
+            if cfg.train.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    print(
+        f"  trained {type(model).__name__}: {total} iterations in {time.perf_counter() - start:.0f} s, "
+        f"last loss {np.mean(losses[-20:]):.3f}",
+        flush=True,
+    )
+    return model.eval()
+
+
+# -- the two pipelines ------------------------------------------------------------------------------------------
+
+
+def run_ours(bundle: Path, source: Path, out: Path, precision: str = "auto", postprocess: bool = True) -> dict:
+    """`seg3d infer` twice; the second (warm) run is kept. The first counts the windows through a hook."""
+    windows = [0]
+    for attempt in range(2):
+        given = None
+        if attempt == 0:
+            given = load_bundle(bundle)
+            given.model.register_forward_hook(lambda m, args, o: windows.__setitem__(0, windows[0] + len(args[0])))
+        start = time.perf_counter()
+        summary = run_inference(
+            bundle,
+            source,
+            out,
+            precision=precision,
+            postprocess=postprocess,
+            overwrite=True,
+            progress=False,
+            bundle=given,
+        )
+        wall = time.perf_counter() - start
+        if summary.failed:
+            raise RuntimeError(f"seg3d infer failed: {summary.failed}")
+    stages = {s: sum(t.get(s, 0.0) for t in summary.timings.values()) for s in STAGES}
+    return {"wall": wall, "stages": stages, "windows": windows[0]}
+
+
+class TimedNetwork(nn.Module):
+    """The peer as sliding_window_inference sees it: seconds inside the forward, and windows seen."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device = model, device
+        self.seconds, self.windows = 0.0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.model(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.windows += x.shape[0]
+        return out
+
+
+def monai_once(weights: Path, images: list[Path], out: Path, pre, cfg, device, bf16: bool) -> dict:
+    """The MONAI tutorial way: pre-transforms, sliding window (fp32 unless `bf16`), Invertd, argmax, SaveImaged."""
+    start = time.perf_counter()
+    model = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    network = TimedNetwork(model.to(device).eval(), device)
+    lo, hi = pre.clip
+    pre_t = Compose(
+        [
+            LoadImaged(keys="image", reader="NibabelReader"),
+            EnsureChannelFirstd(keys="image"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=pre.target_spacing, mode="bilinear"),
+            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+            NormalizeIntensityd(keys="image", subtrahend=pre.mean, divisor=pre.std),
+        ]
+    )
+    invert = Compose(
+        [
+            Invertd(keys="pred", transform=pre_t, orig_keys="image", nearest_interp=False),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
+    save = SaveImaged(
+        keys="pred",
+        output_dir=out,
+        output_postfix="",
+        separate_folder=False,
+        output_dtype=np.uint8,
+        writer="NibabelWriter",
+        print_log=False,
+    )
+    stages = dict.fromkeys(STAGES, 0.0)
+    for path in images:
+        t = time.perf_counter()
+        data = pre_t({"image": str(path)}, end=2)
+        stages["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        data = pre_t(data, start=2)
+        stages["preprocess"] += time.perf_counter() - t
+        t, before = time.perf_counter(), network.seconds
+        x = data["image"][None].to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = sliding_window_inference(
+                x,
+                roi_size=cfg.data.patch_size,
+                sw_batch_size=cfg.inference.sw_batch_size,
+                predictor=network,
+                overlap=cfg.inference.overlap,
+                mode="gaussian",
+                sigma_scale=cfg.inference.sigma_scale,
+            )
+        data["pred"] = pred[0].cpu()
+        stages["network"] += network.seconds - before
+        stages["stitch"] += time.perf_counter() - t - (network.seconds - before)
+        t = time.perf_counter()
+        data = invert(data)
+        stages["invert"] += time.perf_counter() - t
+        t = time.perf_counter()
+        save(data)
+        stages["write"] += time.perf_counter() - t
+    return {"wall": time.perf_counter() - start, "stages": stages, "windows": network.windows}
+
+
+def run_monai(*args) -> dict:
+    monai_once(*args)  # cold run, not kept
+    return monai_once(*args)
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+
+def row(name: str, precision: str, result: dict, reference: dict | None) -> dict:
+    stages, total = result["stages"], sum(result["stages"].values()) or 1e-9
+    r = {
+        "pipeline": name,
+        "precision": precision,
+        "windows": f"{result['windows']:,}",
+        "wall": f"{result['wall']:.1f}",
+        "total": f"{total:.1f}",
+        "speedup": f"{reference['wall'] / result['wall']:.2f}x" if reference else "",
+        "share": f"{100 * stages['network'] / total:.0f}%",
+    }
+    r.update({s: f"{stages[s]:.1f} ({100 * stages[s] / total:.0f}%)" for s in STAGES})
+    return r
+
+
+def test_dice(out: Path, dataset, pre) -> list[float]:
+    """Mean Dice per foreground class over the test cases, each in its own stored voxel grid."""
+    per_case = []
+    for case in dataset.test:
+        pred = read_volume(out / f"{case.case}.nii.gz", case.case, "label").array
+        ref = pre.remap(read_volume(case.label, case.case, "label").array, case.case)
+        per_case.append(dice_per_class(pre.remap(pred, case.case), ref, pre.num_classes))
+    return mean_foreground_dice(per_case)[0]
+
+
+COLUMNS = [
+    ("pipeline", "pipeline"),
+    ("precision", "precision"),
+    ("windows", "windows"),
+    ("wall", "wall (s)"),
+    ("speedup", "speed-up vs MONAI fp32"),
+    ("total", "sum of stages (s)"),
+    *[(s, f"{s} (s)") for s in STAGES],
+    ("share", "network share"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="tiny settings to check the script, not to measure")
+    parser.add_argument("--reuse-models", action="store_true", help="reuse the networks trained by the last run")
+    args = parser.parse_args()
+    work = ROOT / ".bench" / ("inference_quick" if args.quick else "inference")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision("auto", device)
+    ours_precision = str(dtype).removeprefix("torch.")
+    overrides = ["train.epochs=1", "train.iterations_per_epoch=2"] if args.quick else []
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+    print("data ...", flush=True)
+    dataset, big = make_data(work, args.quick)
+    report = check_dataset(dataset, include_test=False)
+    split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed)
+    infos = {i.case: i for i in report.infos}
+    pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
+    bundle, peer_weights = work / "models" / "bundle", work / "models" / "monai_attention_unet.pt"
+    if not (args.reuse_models and bundle.exists() and peer_weights.exists()):
+        print(f"training both networks ({cfg.train.epochs * cfg.train.iterations_per_epoch} iterations each) ...")
+        cases = {c.case: c for c in dataset.cases}
+        records = [as_record(c, cases[c].image, cases[c].label) for c in split["train"]]
+        train_ds = _make_train_dataset(cfg, pre, records, work)
+        torch.manual_seed(cfg.train.seed)
+        ours = train(
+            create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides()),
+            cfg,
+            train_ds,
+            device,
+            dtype,
+        )
+        save_bundle(bundle, ours.cpu(), cfg, pre, {})
+        torch.manual_seed(cfg.train.seed)
+        peer = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))
+        torch.save(train(peer, cfg, train_ds, device, dtype).cpu().state_dict(), peer_weights)
+
+    shape = " x ".join(map(str, (QUICK_BIG if args.quick else BIG).shape))
+    inputs = [("big", f"phantom {shape} at 0.8 x 0.8 x 2.5 mm", big)]
+    notes = []
+    if REAL_CT.exists():
+        inputs.append(("real", "real CT ct.nii.gz (122 x 101 x 112 at 3 mm)", REAL_CT))
+    else:
+        notes.append(f"The real CT ({REAL_CT}) was absent: no row for it.")
+    test_folder = work / "data" / "imagesTs"
+    inputs.append(("test", f"{len(dataset.test)} phantom test cases (summed)", test_folder))
+    tables = []
+    for key, title, source in inputs:
+        images = sorted(source.glob("*.nii.gz")) if source.is_dir() else [source]
+        out = work / "out" / key
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{title}:", flush=True)
+        monai_fp32 = run_monai(peer_weights, images, out / "monai_fp32", pre, cfg, device, False)
+        runs = [
+            ("seg3d infer (attention_unet)", ours_precision, run_ours(bundle, source, out / "ours")),
+            ("MONAI AttentionUnet, tutorial pipeline", "fp32", monai_fp32),
+            (
+                "MONAI AttentionUnet, tutorial pipeline + autocast",
+                "bfloat16",
+                run_monai(peer_weights, images, out / "monai_bf16", pre, cfg, device, True),
+            ),
+        ]
+        if source.is_dir() and ours_precision != "float32":
+            runs.append(
+                ("seg3d infer (attention_unet)", "float32", run_ours(bundle, source, out / "ours_fp32", "fp32"))
+            )
+        rows = []
+        for name, precision, result in runs:
+            rows.append(row(name, precision, result, monai_fp32))
+            print("  ", rows[-1], flush=True)
+        tables.append(f"#### {title}\n\n" + table(rows, COLUMNS))
+
+    test_out = work / "out" / "test"
+    run_ours(bundle, test_folder, test_out / "ours_nopost", postprocess=False)
+    dice_runs = [
+        ("seg3d infer", ours_precision, "largest component, tumour in pancreas", test_out / "ours"),
+        ("seg3d infer", ours_precision, "none", test_out / "ours_nopost"),
+        ("MONAI tutorial pipeline", "fp32", "none", test_out / "monai_fp32"),
+        ("MONAI tutorial pipeline", "bfloat16", "none", test_out / "monai_bf16"),
+    ]
+    if ours_precision != "float32":
+        dice_runs.insert(1, ("seg3d infer", "float32", "largest component, tumour in pancreas", test_out / "ours_fp32"))
+    dice_rows = []
+    for name, precision, post, out in dice_runs:
+        d = test_dice(out, dataset, pre)
+        dice_rows.append({"p": name, "prec": precision, "post": post, "pan": f"{d[0]:.4f}", "can": f"{d[1]:.4f}"})
+        print("  ", dice_rows[-1], flush=True)
+    if ours_precision != "float32":
+        a, b = test_dice(test_out / "ours", dataset, pre), test_dice(test_out / "ours_fp32", dataset, pre)
+        notes.append(
+            f"seg3d {ours_precision} minus fp32 Dice: pancreas {a[0] - b[0]:+.4f}, cancer {a[1] - b[1]:+.4f} "
+            "(target: within 0.005)."
+        )
+    else:
+        notes.append("This CPU has no native bf16, so seg3d's `auto` precision is fp32 here.")
+
+    inf = cfg.inference
+    patch = " x ".join(map(str, cfg.data.patch_size))
+    body = (
+        f"### End-to-end inference: seg3d infer vs MONAI's tutorial pipeline ({device.type.upper()})\n\n"
+        + ("**--quick: a check of the script, not a measurement.**\n\n" if args.quick else "")
+        + "seg3d: `run_inference` on the bundle (precision `auto`, the bundle's post-processing, inputs as files). "
+        "MONAI: `AttentionUnet` with the same channels (8, 16, 32, 64) and strides, through `LoadImaged` (nibabel), "
+        "`EnsureChannelFirstd`, `Orientationd(RAS)`, `Spacingd` (bilinear), the same clip and z-score, "
+        "no foreground crop, `sliding_window_inference`, `Invertd`, `AsDiscreted(argmax)` and `SaveImaged`. "
+        f"Both: patch {patch}, overlap {inf.overlap}, sw_batch_size {inf.sw_batch_size}, Gaussian blending "
+        f"(sigma_scale {inf.sigma_scale}), target spacing {pre.target_spacing} mm. Both networks were trained the same "
+        f"way on the demo's phantoms ({cfg.train.epochs * cfg.train.iterations_per_epoch} iterations of "
+        f"`configs/demo.yaml`'s loop, {ours_precision} autocast, the same patches, final weights). Each row is the "
+        "second of two runs; wall time includes loading the model; stages in seconds (% of their sum); stitch is "
+        "the sliding window minus the network; seg3d's invert includes its post-processing. Windows: patches "
+        "through the network. Targets: speed-up >= 3x on CPU at equal or better Dice; network share >= 85%.\n\n"
+        + "\n\n".join(tables)
+        + "\n\n#### Dice on the phantom test cases (each in its own geometry)\n\n"
+        + table(
+            dice_rows,
+            [
+                ("p", "pipeline"),
+                ("prec", "precision"),
+                ("post", "post-processing"),
+                ("pan", "pancreas"),
+                ("can", "cancer"),
+            ],
+        )
+        + "\n\n"
+        + " ".join(notes)
+    )
+    write_section("inference-gpu" if device.type == "cuda" else "inference", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.layers
 	$(PY) -m benchmarks.models
 	$(PY) -m benchmarks.loader
+	$(PY) -m benchmarks.inference
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

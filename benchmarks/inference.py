@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "ct.nii.gz"
 STAGES = ("load", "preprocess", "network", "stitch", "invert", "write")
 BIG = CaseSpec(shape=(512, 512, 200), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
 QUICK_BIG = CaseSpec(shape=(96, 96, 40), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
+QUICK = ["train.epochs=1", "train.iterations_per_epoch=2"]
 
 
 # -- data and training ------------------------------------------------------------------------------------------
@@ -104,25 +106,16 @@ def train(model: nn.Module, cfg, dataset, device: torch.device, dtype: torch.dty
 # -- the two pipelines ------------------------------------------------------------------------------------------
 
 
-def run_ours(bundle: Path, source: Path, out: Path, precision: str = "auto", postprocess: bool = True) -> dict:
-    """`seg3d infer` twice; the second (warm) run is kept. The first counts the windows through a hook."""
+def run_ours(bundle: Path, source: Path, out: Path, precision="auto", postprocess=True, repeats=2) -> dict:
+    """`seg3d infer`; the last of `repeats` runs is kept. The first counts the windows through a hook on the model."""
     windows = [0]
-    for attempt in range(2):
-        given = None
-        if attempt == 0:
-            given = load_bundle(bundle)
+    for attempt in range(repeats):
+        given = load_bundle(bundle) if attempt == 0 else None  # later runs load the bundle inside the timing
+        if given is not None:
             given.model.register_forward_hook(lambda m, args, o: windows.__setitem__(0, windows[0] + len(args[0])))
         start = time.perf_counter()
-        summary = run_inference(
-            bundle,
-            source,
-            out,
-            precision=precision,
-            postprocess=postprocess,
-            overwrite=True,
-            progress=False,
-            bundle=given,
-        )
+        kw = dict(precision=precision, postprocess=postprocess, overwrite=True, progress=False, bundle=given)
+        summary = run_inference(bundle, source, out, **kw)
         wall = time.perf_counter() - start
         if summary.failed:
             raise RuntimeError(f"seg3d infer failed: {summary.failed}")
@@ -212,25 +205,19 @@ def monai_once(weights: Path, images: list[Path], out: Path, pre, cfg, device, b
     return {"wall": time.perf_counter() - start, "stages": stages, "windows": network.windows}
 
 
-def run_monai(*args) -> dict:
-    monai_once(*args)  # cold run, not kept
+def run_monai(*args, repeats: int = 2) -> dict:
+    for _ in range(repeats - 1):
+        monai_once(*args)  # cold runs, not kept
     return monai_once(*args)
 
 
 # -- report -----------------------------------------------------------------------------------------------------
 
 
-def row(name: str, precision: str, result: dict, reference: dict | None) -> dict:
+def row(name: str, precision: str, result: dict, reference: dict) -> dict:
     stages, total = result["stages"], sum(result["stages"].values()) or 1e-9
-    r = {
-        "pipeline": name,
-        "precision": precision,
-        "windows": f"{result['windows']:,}",
-        "wall": f"{result['wall']:.1f}",
-        "total": f"{total:.1f}",
-        "speedup": f"{reference['wall'] / result['wall']:.2f}x" if reference else "",
-        "share": f"{100 * stages['network'] / total:.0f}%",
-    }
+    r = {"pipeline": name, "precision": precision, "windows": f"{result['windows']:,}"}
+    r.update(wall=f"{result['wall']:.1f}", total=f"{total:.1f}", speedup=f"{reference['wall'] / result['wall']:.2f}x")
     r.update({s: f"{stages[s]:.1f} ({100 * stages[s] / total:.0f}%)" for s in STAGES})
     return r
 
@@ -245,29 +232,33 @@ def test_dice(out: Path, dataset, pre) -> list[float]:
     return mean_foreground_dice(per_case)[0]
 
 
-COLUMNS = [
-    ("pipeline", "pipeline"),
-    ("precision", "precision"),
-    ("windows", "windows"),
-    ("wall", "wall (s)"),
-    ("speedup", "speed-up vs MONAI fp32"),
-    ("total", "sum of stages (s)"),
-    *[(s, f"{s} (s)") for s in STAGES],
-    ("share", "network share"),
-]
+def dice_row(name: str, precision: str, post: str, out: Path, dataset, pre) -> dict:
+    pancreas, cancer = test_dice(out, dataset, pre)
+    return dict(pipeline=name, precision=precision, post=post, pancreas=f"{pancreas:.4f}", cancer=f"{cancer:.4f}")
+
+
+COLUMNS = [("pipeline", "pipeline"), ("precision", "precision"), ("windows", "windows"), ("wall", "wall (s)")]
+COLUMNS += [("speedup", "speed-up vs MONAI fp32"), ("total", "sum of stages (s)")]
+COLUMNS += [(s, f"{s} (s)") for s in STAGES]
+DICE_COLUMNS = [("pipeline", "pipeline"), ("precision", "precision"), ("post", "post-processing")]
+DICE_COLUMNS += [("pancreas", "pancreas"), ("cancer", "cancer")]
+OURS, PEER, POST = "seg3d infer (attention_unet)", "MONAI AttentionUnet, tutorial pipeline", "largest component etc."
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script, not to measure")
     parser.add_argument("--reuse-models", action="store_true", help="reuse the networks trained by the last run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per pipeline and input; the last is kept")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*Orientationd.__init__:labels", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # MONAI's optional DICOM decoder
     work = ROOT / ".bench" / ("inference_quick" if args.quick else "inference")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_precision("auto", device)
-    ours_precision = str(dtype).removeprefix("torch.")
-    overrides = ["train.epochs=1", "train.iterations_per_epoch=2"] if args.quick else []
-    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    prec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", QUICK if args.quick else [])
+    iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
 
     print("data ...", flush=True)
     dataset, big = make_data(work, args.quick)
@@ -275,112 +266,88 @@ def main() -> None:
     split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed)
     infos = {i.case: i for i in report.infos}
     pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
-    bundle, peer_weights = work / "models" / "bundle", work / "models" / "monai_attention_unet.pt"
-    if not (args.reuse_models and bundle.exists() and peer_weights.exists()):
-        print(f"training both networks ({cfg.train.epochs * cfg.train.iterations_per_epoch} iterations each) ...")
+    bundle, weights = work / "models" / "bundle", work / "models" / "monai_attention_unet.pt"
+    if not (args.reuse_models and bundle.exists() and weights.exists()):
+        print(f"training both networks ({iterations} iterations each) ...", flush=True)
         cases = {c.case: c for c in dataset.cases}
         records = [as_record(c, cases[c].image, cases[c].label) for c in split["train"]]
         train_ds = _make_train_dataset(cfg, pre, records, work)
         torch.manual_seed(cfg.train.seed)
-        ours = train(
-            create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides()),
-            cfg,
-            train_ds,
-            device,
-            dtype,
-        )
-        save_bundle(bundle, ours.cpu(), cfg, pre, {})
+        ours = create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides())
+        save_bundle(bundle, train(ours, cfg, train_ds, device, dtype).cpu(), cfg, pre, {})
         torch.manual_seed(cfg.train.seed)
         peer = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))
-        torch.save(train(peer, cfg, train_ds, device, dtype).cpu().state_dict(), peer_weights)
+        torch.save(train(peer, cfg, train_ds, device, dtype).cpu().state_dict(), weights)
 
     shape = " x ".join(map(str, (QUICK_BIG if args.quick else BIG).shape))
-    inputs = [("big", f"phantom {shape} at 0.8 x 0.8 x 2.5 mm", big)]
-    notes = []
-    if REAL_CT.exists():
-        inputs.append(("real", "real CT ct.nii.gz (122 x 101 x 112 at 3 mm)", REAL_CT))
+    inputs, notes = [("big", f"Phantom {shape} at 0.8 x 0.8 x 2.5 mm", big)], []
+    if REAL_CT.exists() and not args.quick:
+        inputs.append(("real", "Real CT `ct.nii.gz` (122 x 101 x 112 at 3 mm)", REAL_CT))
     else:
-        notes.append(f"The real CT ({REAL_CT}) was absent: no row for it.")
+        notes.append(f"No row for the real CT ({'--quick' if args.quick else f'{REAL_CT} is absent'}).")
     test_folder = work / "data" / "imagesTs"
-    inputs.append(("test", f"{len(dataset.test)} phantom test cases (summed)", test_folder))
-    tables = []
+    inputs.append(("test", f"Phantom test set, {len(dataset.test)} cases (summed)", test_folder))
+
+    tables, dice_rows = [], []
     for key, title, source in inputs:
+        print(f"{title}:", flush=True)
         images = sorted(source.glob("*.nii.gz")) if source.is_dir() else [source]
         out = work / "out" / key
         shutil.rmtree(out, ignore_errors=True)
-        print(f"{title}:", flush=True)
-        monai_fp32 = run_monai(peer_weights, images, out / "monai_fp32", pre, cfg, device, False)
-        runs = [
-            ("seg3d infer (attention_unet)", ours_precision, run_ours(bundle, source, out / "ours")),
-            ("MONAI AttentionUnet, tutorial pipeline", "fp32", monai_fp32),
-            (
-                "MONAI AttentionUnet, tutorial pipeline + autocast",
-                "bfloat16",
-                run_monai(peer_weights, images, out / "monai_bf16", pre, cfg, device, True),
-            ),
-        ]
-        if source.is_dir() and ours_precision != "float32":
-            runs.append(
-                ("seg3d infer (attention_unet)", "float32", run_ours(bundle, source, out / "ours_fp32", "fp32"))
-            )
-        rows = []
-        for name, precision, result in runs:
-            rows.append(row(name, precision, result, monai_fp32))
+        runs = [(PEER, "fp32", "monai_fp32"), (OURS, prec, "ours"), (PEER + " + autocast", "bf16", "monai_bf16")]
+        if key == "test" and prec != "fp32":
+            runs.append((OURS, "fp32", "ours_fp32"))
+        rows, reference = [], None
+        for name, precision, folder in runs:
+            if name == OURS:
+                result = run_ours(
+                    bundle, source, out / folder, "fp32" if precision == "fp32" else "auto", True, args.repeats
+                )
+            else:
+                result = run_monai(
+                    weights, images, out / folder, pre, cfg, device, precision == "bf16", repeats=args.repeats
+                )
+            reference = reference or result  # MONAI fp32, measured first
+            rows.append(row(name, precision, result, reference))
             print("  ", rows[-1], flush=True)
+            if key == "test":
+                dice_rows.append(
+                    dice_row(name, precision, POST if name == OURS else "none", out / folder, dataset, pre)
+                )
         tables.append(f"#### {title}\n\n" + table(rows, COLUMNS))
 
     test_out = work / "out" / "test"
-    run_ours(bundle, test_folder, test_out / "ours_nopost", postprocess=False)
-    dice_runs = [
-        ("seg3d infer", ours_precision, "largest component, tumour in pancreas", test_out / "ours"),
-        ("seg3d infer", ours_precision, "none", test_out / "ours_nopost"),
-        ("MONAI tutorial pipeline", "fp32", "none", test_out / "monai_fp32"),
-        ("MONAI tutorial pipeline", "bfloat16", "none", test_out / "monai_bf16"),
-    ]
-    if ours_precision != "float32":
-        dice_runs.insert(1, ("seg3d infer", "float32", "largest component, tumour in pancreas", test_out / "ours_fp32"))
-    dice_rows = []
-    for name, precision, post, out in dice_runs:
-        d = test_dice(out, dataset, pre)
-        dice_rows.append({"p": name, "prec": precision, "post": post, "pan": f"{d[0]:.4f}", "can": f"{d[1]:.4f}"})
-        print("  ", dice_rows[-1], flush=True)
-    if ours_precision != "float32":
-        a, b = test_dice(test_out / "ours", dataset, pre), test_dice(test_out / "ours_fp32", dataset, pre)
-        notes.append(
-            f"seg3d {ours_precision} minus fp32 Dice: pancreas {a[0] - b[0]:+.4f}, cancer {a[1] - b[1]:+.4f} "
-            "(target: within 0.005)."
-        )
+    run_ours(bundle, test_folder, test_out / "ours_nopost", postprocess=False, repeats=1)
+    dice_rows.insert(2, dice_row(OURS, prec, "none", test_out / "ours_nopost", dataset, pre))
+    for r in dice_rows:
+        print("  ", r, flush=True)
+    if prec != "fp32":
+        a, b = (test_dice(test_out / f, dataset, pre) for f in ("ours", "ours_fp32"))
+        diff = f"pancreas {a[0] - b[0]:+.4f}, cancer {a[1] - b[1]:+.4f}"
+        notes.append(f"seg3d {prec} minus fp32 Dice: {diff} (target: within 0.005).")
     else:
-        notes.append("This CPU has no native bf16, so seg3d's `auto` precision is fp32 here.")
+        notes.append("Without native bf16 on this CPU, seg3d's `auto` precision is fp32 here.")
 
     inf = cfg.inference
-    patch = " x ".join(map(str, cfg.data.patch_size))
     body = (
-        f"### End-to-end inference: seg3d infer vs MONAI's tutorial pipeline ({device.type.upper()})\n\n"
+        f"### End-to-end inference: seg3d infer vs a MONAI tutorial pipeline ({device.type.upper()})\n\n"
         + ("**--quick: a check of the script, not a measurement.**\n\n" if args.quick else "")
-        + "seg3d: `run_inference` on the bundle (precision `auto`, the bundle's post-processing, inputs as files). "
-        "MONAI: `AttentionUnet` with the same channels (8, 16, 32, 64) and strides, through `LoadImaged` (nibabel), "
-        "`EnsureChannelFirstd`, `Orientationd(RAS)`, `Spacingd` (bilinear), the same clip and z-score, "
-        "no foreground crop, `sliding_window_inference`, `Invertd`, `AsDiscreted(argmax)` and `SaveImaged`. "
-        f"Both: patch {patch}, overlap {inf.overlap}, sw_batch_size {inf.sw_batch_size}, Gaussian blending "
-        f"(sigma_scale {inf.sigma_scale}), target spacing {pre.target_spacing} mm. Both networks were trained the same "
-        f"way on the demo's phantoms ({cfg.train.epochs * cfg.train.iterations_per_epoch} iterations of "
-        f"`configs/demo.yaml`'s loop, {ours_precision} autocast, the same patches, final weights). Each row is the "
-        "second of two runs; wall time includes loading the model; stages in seconds (% of their sum); stitch is "
-        "the sliding window minus the network; seg3d's invert includes its post-processing. Windows: patches "
-        "through the network. Targets: speed-up >= 3x on CPU at equal or better Dice; network share >= 85%.\n\n"
+        + "seg3d: `run_inference` on the bundle (precision `auto`, the bundle's post-processing: largest component, "
+        "tumour inside pancreas). MONAI: `AttentionUnet` with the same channels (8, 16, 32, 64) and strides, through "
+        "`LoadImaged` (nibabel), `EnsureChannelFirstd`, `Orientationd(RAS)`, `Spacingd` (bilinear), the same clip "
+        "and z-score, no foreground crop, `sliding_window_inference`, `Invertd`, `AsDiscreted(argmax)`, `SaveImaged`. "
+        f"Both: patch {' x '.join(map(str, cfg.data.patch_size))}, overlap {inf.overlap}, sw_batch_size "
+        f"{inf.sw_batch_size}, Gaussian blending (sigma_scale {inf.sigma_scale}), target spacing {pre.target_spacing} "
+        f"mm; both networks trained alike on the demo's phantoms ({iterations} iterations of `configs/demo.yaml`'s "
+        f"loop, {prec} autocast, the same patches, final weights). Wall time "
+        "includes loading the model; stages in seconds (% of their sum: the network's is its share); network is "
+        "time inside the forward, stitch the rest of the sliding window; seg3d's invert includes its post-processing; "
+        f"windows are patches through the network. {args.repeats} run(s) per row, the last kept. "
+        "Targets: >= 3x faster than MONAI fp32 on CPU at equal or better "
+        "Dice; network >= 85%.\n\n"
         + "\n\n".join(tables)
         + "\n\n#### Dice on the phantom test cases (each in its own geometry)\n\n"
-        + table(
-            dice_rows,
-            [
-                ("p", "pipeline"),
-                ("prec", "precision"),
-                ("post", "post-processing"),
-                ("pan", "pancreas"),
-                ("can", "cancer"),
-            ],
-        )
+        + table(dice_rows, DICE_COLUMNS)
         + "\n\n"
         + " ".join(notes)
     )

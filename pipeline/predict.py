@@ -63,27 +63,42 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def postprocess(labels: np.ndarray, names: list[str], cfg: PostprocessConfig) -> np.ndarray:
     """Keep the largest connected foreground structure (all foreground classes together: a tumour belongs to
     its organ); a tumour class survives only inside or touching the pancreas kept. Class names decide which is
-    the tumour ("cancer"/"tumour") and which the organ."""
+    the tumour ("cancer"/"tumour") and which the organ. Works inside the foreground's bounding box: on a
+    512 x 512 x 1000 CT the pancreas is a small part of the volume."""
     if not cfg.largest_component and not cfg.tumour_inside_pancreas:
         return labels
-    out = labels.copy()
+    box = _bounding_box(labels > 0)
+    if box is None:
+        return labels
+    sub = labels[box].copy()
     structure = ndimage.generate_binary_structure(3, 1)
-    if cfg.largest_component and out.any():
-        comp, n = ndimage.label(out > 0, structure)
+    if cfg.largest_component:
+        comp, n = ndimage.label(sub > 0, structure)
         if n > 1:
             sizes = np.bincount(comp.ravel())[1:]
-            out[comp != (1 + int(np.argmax(sizes)))] = 0
+            sub[comp != (1 + int(np.argmax(sizes)))] = 0
     tumour = [i for i, n in enumerate(names) if n.lower() in ("cancer", "tumour", "tumor")]
     organ = [i for i, n in enumerate(names) if n.lower() == "pancreas"]
     if cfg.tumour_inside_pancreas and tumour and organ:
-        near_organ = ndimage.binary_dilation(out == organ[0], structure)
+        near_organ = ndimage.binary_dilation(sub == organ[0], structure)
         for t in tumour:
-            comp, n = ndimage.label(out == t, structure)
-            for k in range(1, n + 1):
-                part = comp == k
-                if not (part & near_organ).any():
-                    out[part] = 0
+            comp, n = ndimage.label(sub == t, structure)
+            if n:
+                keep = np.unique(comp[near_organ & (comp > 0)])
+                sub[(comp > 0) & ~np.isin(comp, keep)] = 0
+    out = labels.copy()
+    out[box] = sub
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 @dataclass

@@ -192,6 +192,7 @@ def preprocess_transforms(pre: Preprocessing, keys: tuple[str, ...] = (IMAGE, LA
                 source_key=IMAGE,
                 select_fn=_AboveHU(pre.body_threshold_hu),
                 margin=2,
+                allow_smaller=True,  # where the body touches the image edge, the margin must not pad past it
                 start_coord_key=None,  # the inverse reads the crop from the MetaTensor's applied operations
                 end_coord_key=None,
             )

@@ -273,3 +273,14 @@ def test_dicom_seg_of_a_series_without_uids_is_refused_before_any_output(bundle_
     summary = run_inference(bundle_dir, real_ct / "dicom_series", tmp_path / "out", dicom_seg=True, progress=False)
     assert summary.done == [] and "StudyInstanceUID" in summary.failed[0][1]
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.gpu
+def test_cuda_inference_matches_cpu_and_keeps_the_geometry(bundle_dir, cases, tmp_path):
+    src = cases / "case_LPS.nii.gz"
+    cpu = run_inference(bundle_dir, src, tmp_path / "cpu.nii.gz", device="cpu", precision="fp32", progress=False)
+    gpu = run_inference(bundle_dir, src, tmp_path / "gpu.nii.gz", device="cuda", precision="fp32", progress=False)
+    assert cpu.done == gpu.done == ["case_LPS"]
+    _assert_same_geometry(src, tmp_path / "gpu.nii.gz")
+    a, b = (np.asarray(nib.load(tmp_path / f"{d}.nii.gz").dataobj) for d in ("cpu", "gpu"))
+    assert (a == b).mean() > 0.999

@@ -82,3 +82,24 @@ def test_label_shortcut_is_exactly_the_full_argmax(tmp_path):
     empty = torch.zeros_like(probs)
     empty[0] = 1.0
     assert not labels_in_grid(empty, grid).any()
+
+
+def test_postprocess_keeps_the_organ_and_the_tumour_inside_it():
+    from pipeline.config import PostprocessConfig
+    from pipeline.predict import postprocess
+
+    names = ["background", "pancreas", "cancer"]
+    labels = np.zeros((60, 60, 40), np.uint8)
+    labels[10:30, 10:30, 5:20] = 1
+    labels[15:20, 15:20, 8:12] = 2  # tumour inside the gland: kept
+    labels[40:45, 40:45, 30:35] = 1  # a smaller pancreas-like blob elsewhere: removed
+    labels[50:53, 5:8, 2:4] = 2  # a tumour far from any pancreas: removed
+    out = postprocess(labels, names, PostprocessConfig())
+    expected = labels.copy()
+    expected[40:45, 40:45, 30:35] = 0
+    expected[50:53, 5:8, 2:4] = 0
+    np.testing.assert_array_equal(out, expected)
+    off = PostprocessConfig(largest_component=False, tumour_inside_pancreas=False)
+    np.testing.assert_array_equal(postprocess(labels, names, off), labels)
+    only_tumour_rule = postprocess(labels, names, PostprocessConfig(largest_component=False))
+    assert (only_tumour_rule[40:45, 40:45, 30:35] == 1).all() and not only_tumour_rule[50:53, 5:8, 2:4].any()

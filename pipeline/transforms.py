@@ -167,7 +167,8 @@ class LoadCTd(MapTransform):
                 "original_shape": tuple(array.shape),
                 "case": case or "",
             }
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=vol.affine, meta=meta)
+            # NIfTI data come Fortran-ordered: torch makes them contiguous with all cores, numpy with one.
+            d[key] = MetaTensor(torch.from_numpy(array).contiguous()[None], affine=vol.affine, meta=meta)
         return d
 
 

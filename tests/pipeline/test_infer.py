@@ -284,3 +284,12 @@ def test_cuda_inference_matches_cpu_and_keeps_the_geometry(bundle_dir, cases, tm
     _assert_same_geometry(src, tmp_path / "gpu.nii.gz")
     a, b = (np.asarray(nib.load(tmp_path / f"{d}.nii.gz").dataobj) for d in ("cpu", "gpu"))
     assert (a == b).mean() > 0.999
+
+
+def test_a_datalist_is_an_input_too(bundle_dir, cases, tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_text("case,image\n" + "".join(f"p{i},{p}\n" for i, p in enumerate(sorted(cases.glob("*.nii.gz")))))
+    assert [c.case for c in collect_inputs(csv)] == ["p0", "p1", "p2"]
+    summary = run_inference(bundle_dir, csv, tmp_path / "out", progress=False)
+    assert summary.done == ["p0", "p1", "p2"]
+    _assert_same_geometry(sorted(cases.glob("*.nii.gz"))[1], tmp_path / "out" / "p1.nii.gz")

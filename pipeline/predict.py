@@ -115,13 +115,16 @@ class _Timed(nn.Module):
     stitching) and appends the finest attention-gate map as one more channel when asked to, so that the gate
     is blended and inverted exactly like the logits."""
 
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, gates: bool):
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, gates: bool, channels_last: bool):
         super().__init__()
         self.model, self.device, self.dtype, self.gates = model, device, dtype, gates
+        self.channels_last = channels_last
         self.seconds = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with autocast(self.device, self.dtype):
             if self.gates:
                 logits, gates = self.model(x, return_gates=True)
@@ -148,9 +151,15 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: str = "auto",
         tta: bool = False,
+        channels_last: bool = False,
     ):
+        """`channels_last` converts the model's weights in place (NDHWC): oneDNN's 3D convolutions on CPU run about
+        1.6x faster in fp32 that way (bf16: no difference). Only for a model that is not trained further."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
         self.pre = pre
         self.dtype = resolve_precision(precision, self.device)
         self.postprocessing = postprocessing
@@ -180,6 +189,7 @@ class Predictor:
             device,
             precision,
             tta,
+            channels_last=torch.device(device).type == "cpu",
         )
 
     @property
@@ -212,14 +222,14 @@ class Predictor:
     @torch.no_grad()
     def predict_preprocessed(self, image: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, *S) float32 for a preprocessed image (B, 1, *S); no mirroring (validation)."""
-        network = _Timed(self.model, self.device, self.dtype, gates=False)
+        network = _Timed(self.model, self.device, self.dtype, False, self.channels_last)
         return torch.as_tensor(self._window(torch.as_tensor(image).float(), network))
 
     @torch.no_grad()
     def predict_probabilities(self, image: torch.Tensor, gates: bool = False) -> tuple[torch.Tensor, float]:
         """Class probabilities (B, K, *S), averaged over the 8 mirrorings with TTA; with `gates`, the blended
         finest gate map is channel K. Returns them and the seconds spent inside the network."""
-        network = _Timed(self.model, self.device, self.dtype, gates and self.has_gates)
+        network = _Timed(self.model, self.device, self.dtype, gates and self.has_gates, self.channels_last)
         x = torch.as_tensor(image).float()
         k = self.pre.num_classes
         total = None

@@ -103,3 +103,25 @@ def test_postprocess_keeps_the_organ_and_the_tumour_inside_it():
     np.testing.assert_array_equal(postprocess(labels, names, off), labels)
     only_tumour_rule = postprocess(labels, names, PostprocessConfig(largest_component=False))
     assert (only_tumour_rule[40:45, 40:45, 30:35] == 1).all() and not only_tumour_rule[50:53, 5:8, 2:4].any()
+
+
+@pytest.mark.parametrize("name", ["attention_unet", "danet", "emanet"])
+def test_channels_last_inference_gives_the_same_probabilities(name):
+    """The CPU predictor runs the network in NDHWC (faster 3D convolutions); the blended probabilities must equal
+    those of the default layout, including through reshapes inside attention modules."""
+    from attention3d import create_model
+    from pipeline.config import InferenceConfig
+    from pipeline.predict import Predictor
+
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, out_channels=3, channels=[8, 16, 32], strides=[2, 2]).eval()
+    pre = PRE
+    image = torch.randn(1, 1, 40, 36, 20)
+    out = {}
+    for cl in (False, True):
+        predictor = Predictor(model, pre, (32, 32, 16), InferenceConfig(), None, "cpu", "fp32", channels_last=cl)
+        out[cl], _ = predictor.predict_probabilities(image)
+    weights = [p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    assert not any(w.is_contiguous() for w in weights)  # really converted, not contiguous in both layouts
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from attention3d import UNet, UNetConfig
+from pipeline import faults
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import Seg3dError
 from pipeline.transforms import Preprocessing
@@ -62,6 +63,7 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        faults.point(f"write.{path.name}")  # a crash here leaves the old file whole and a stray temporary
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

@@ -8,6 +8,7 @@ and the rest go on; the exit code is non-zero at the end if any case failed. Inp
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import faults
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.data import Case, case_id, list_images
 from pipeline.errors import Seg3dError
@@ -165,6 +167,7 @@ def run_inference(
     )
 
     summary = InferenceSummary()
+    _sweep_temporaries(plans.values())
     todo = [c for c in cases if overwrite or not all(p.exists() for p in plans[c.case].all())]
     summary.skipped = [c.case for c in cases if c not in todo]
     if not todo:
@@ -188,11 +191,22 @@ def run_inference(
     return summary
 
 
+def _sweep_temporaries(plans) -> None:
+    """Remove what a process killed in the middle of a write left: the hidden temporaries atomic_write renames onto
+    the outputs (.NAME.XXXX...). The outputs themselves are whole or absent, never half written."""
+    for plan in plans:
+        for path in plan.all():
+            if path.parent.is_dir():
+                for stray in path.parent.glob(f".{glob.escape(path.name)}.*"):
+                    stray.unlink(missing_ok=True)
+
+
 def _one_case(predictor: Predictor, bundle: Bundle, case: Case, plan: CaseOutputs, overlays: bool) -> dict[str, float]:
     if plan.dicom_seg is not None:
         dicom_seg_sources(case.image)  # refuse a series a SEG cannot reference before computing anything
     gates = overlays and predictor.has_gates
     pred = predictor.predict_file(case.image, case=case.case, probabilities=plan.probabilities is not None, gates=gates)
+    faults.point("infer.case")
     start = time.perf_counter()
     pre = bundle.preprocessing
     write_labels(pred, pre, case.image, plan.labels)

@@ -1,0 +1,53 @@
+"""Fault points for the fault-injection tests (failpoints, as etcd and TiKV have them).
+
+`point("name")` marks a place where a crash or an outage must not lose anything: inside a training step, during
+validation, in the middle of a checkpoint write. Unless SEG3D_FAULT is set it does nothing but read one
+environment variable. SEG3D_FAULT holds comma-separated NAME:N[:ACTION] items; the N-th time the process reaches
+NAME it
+
+- kill (the default): sends itself SIGKILL, as the OOM killer or a power cut would: no cleanup, no finally;
+- wait: touches DIR/NAME.N.reached and blocks until DIR/NAME.N.go exists, DIR being SEG3D_FAULT_DIR (meanwhile
+  a test takes a server away or starts a second training).
+
+The tests in tests/pipeline/test_faults.py drive it; nobody else should set SEG3D_FAULT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+ENV = "SEG3D_FAULT"
+DIR_ENV = "SEG3D_FAULT_DIR"
+WAIT_LIMIT_S = 600.0
+
+_hits: Counter[str] = Counter()
+
+
+def point(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    _hits[name] += 1
+    for item in spec.split(","):
+        target, _, rest = item.strip().partition(":")
+        count, _, action = rest.partition(":")
+        if target == name and _hits[name] == int(count or 1):
+            _act(name, _hits[name], action or "kill")
+
+
+def _act(name: str, count: int, action: str) -> None:
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "wait":
+        folder = Path(os.environ[DIR_ENV])
+        (folder / f"{name}.{count}.reached").touch()
+        go = folder / f"{name}.{count}.go"
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        while not go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        raise ValueError(f"{ENV}: unknown action {action!r} for {name} (kill or wait)")

@@ -63,11 +63,24 @@ def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if tmp.is_file():  # mkstemp makes the file owner-only; give it the mode a plain open() would (umask)
+            os.chmod(tmp, 0o666 & ~_umask())
         faults.point(f"write.{path.name}")  # a crash here leaves the old file whole and a stray temporary
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -156,3 +156,13 @@ def test_corrupt_bundles_are_refused_with_the_file_named(tmp_path, defect):
         match = "has no preprocessing.json"
     with pytest.raises(Seg3dError, match=match):
         load_bundle(folder)
+
+
+def test_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp makes owner-only files; outputs must be readable by whoever the umask allows (a container's UID writes
+    masks that the hospital's users read)."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    atomic_write(atomic, lambda tmp: tmp.write_text("x"))
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

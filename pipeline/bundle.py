@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -81,6 +82,22 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+# What atomic_write (.NAME.XXXXXXXX[suffix]) and save_bundle (.NAME.XXXXXXXX/, .NAME.old-PID/) leave behind when the
+# process is killed in the middle of a write.
+_TEMPORARY = re.compile(r"\.[^/]+\.(?:[a-z0-9_]{8}(?:\..+)?|old-\d+)")
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete the temporaries a killed write left in `folder` (not recursive); returns their names. Only for a
+    folder this process owns, such as a run folder under its lock: another live writer's temporary would go too."""
+    removed = []
+    for path in Path(folder).glob(".*"):
+        if _TEMPORARY.fullmatch(path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -196,6 +213,7 @@ def save_bundle(
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt", "model": cfg.model.name})
@@ -215,6 +233,7 @@ def save_bundle(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        faults.point(f"write.{folder.name}")
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)

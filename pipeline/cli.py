@@ -4,6 +4,7 @@ on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,6 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train
 
     overrides = list(args.overrides)
     if args.labels:
@@ -50,9 +50,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
     elif overrides:
         raise Seg3dError("--resume without --config takes no overrides: a resumed run keeps its stored config")
+    if args.nproc is not None or args.max_restarts is not None:
+        from pipeline.distributed import relaunch_under_torchrun
+
+        forwarded = ["--data", str(args.data), "--output", str(args.output)]
+        named = {"--config": args.config, "--tracking-uri": args.tracking_uri, "--labels": args.labels}
+        for flag, value in named.items():
+            forwarded += [flag, str(value)] if value is not None else []
+        forwarded += ["--resume"] if args.resume else []
+        return relaunch_under_torchrun(
+            nproc=1 if args.nproc is None else args.nproc,
+            max_restarts=0 if args.max_restarts is None else args.max_restarts,
+            train_args=[*forwarded, *args.overrides],
+        )
+    from pipeline.train import train  # after the relaunch: the launching process needs none of it
+
     result = train(
         cfg, args.data, args.output, tracking_uri=args.tracking_uri, resume=args.resume, config_path=args.config
     )
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports for all
     best = f"best mean foreground Dice {result.best_dice:.3f} at epoch {result.best_epoch + 1}"
     print(f"done: {result.epochs} epochs, {best}" if result.best_epoch >= 0 else f"done: {result.epochs} epochs")
     print(f"bundle: {result.bundle}")
@@ -148,6 +165,37 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_model, parse_patch
+
+    result = export_model(
+        args.model,
+        args.output,
+        fmt=args.format,
+        patch=parse_patch(args.patch) if args.patch else None,
+        tracking_uri=args.tracking_uri,
+        overwrite=args.overwrite,
+    )
+    x, y, z = result.patch
+    print(
+        f"wrote {result.path} ({result.model}, {result.format}, input (batch, C, {x}, {y}, {z})) in"
+        f" {result.seconds:.1f} s; max |difference| to PyTorch {result.max_abs_error:.2g} (logits up to"
+        f" {result.logit_scale:.2g})"
+    )
+    print(f"preprocessing, patch size and labels: {result.sidecar}")
+    if result.preprocessing is not None:
+        print(f"the bundle's preprocessing: {result.preprocessing}")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pipeline.doctor import run_checks
+
+    report = run_checks(output=args.output, tracking_uri=args.tracking_uri)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seg3d", description="Attention-based 3D segmentation of CT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--labels", default=None, help="select classes by label value, e.g. pancreas=7 (sets data.labels)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel training on N processes (one per GPU) of this machine, via torchrun",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        help="with --nproc: restart the whole job up to K times when a process dies, from the last checkpoint",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=50")
     p.set_defaults(func=_cmd_train)
 
@@ -254,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default="8,16,32,64", help="channels per level, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_model_info)
+
+    p = sub.add_parser(
+        "export", help="export a trained network to ONNX or TorchScript, with its preprocessing in OUTPUT.json"
+    )
+    p.add_argument("--model", required=True, help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+    p.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx or torchscript")
+    p.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx (and model.onnx.json)")
+    p.add_argument("--patch", default=None, help="input patch X,Y,Z in voxels (default: the bundle's patch size)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ models")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT and OUTPUT.json")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("doctor", help="check versions, devices, tracking store and folders; exit 1 if one is missing")
+    p.add_argument("--output", type=Path, default=None, help="the folder results go to (default: the working one)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 
@@ -267,3 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"seg3d {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`, the entry point torchrun starts on every rank
+    sys.exit(main())

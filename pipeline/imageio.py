@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,33 @@ from pipeline.errors import Seg3dError
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 AFFINE_TOL = 1e-3  # mm and direction-cosine tolerance: above float32 header rounding, far below a voxel
 
-# Everything nibabel, gzip and zlib raise for a file that is truncated, corrupt or not NIfTI at all.
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
+# Everything nibabel, gzip and zlib raise for a file that is truncated, corrupt or not NIfTI at all; MemoryError for
+# a corrupt header that declares far more voxels than the file holds.
+_READ_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+    MemoryError,
+)
+# What nibabel and numpy raise for a header whose qform/sform cannot be turned into a matrix (NaN, w^2 < 0).
+_GEOMETRY_ERRORS = (HeaderDataError, ValueError, np.linalg.LinAlgError)
+
+
+def _one_line(err: BaseException) -> str:
+    """A library's message (nibabel's and ITK's run over several lines) as one line for the CLI."""
+    return " ".join(str(err).split())
+
+
+def _axcodes(affine: np.ndarray) -> str:
+    """Axis codes for a message; '?' where an axis has none (a zero or NaN column)."""
+    try:
+        return "".join(c or "?" for c in nib.aff2axcodes(affine))
+    except (np.linalg.LinAlgError, ValueError):
+        return "???"
 
 
 class Note(str):
@@ -67,8 +93,34 @@ def read_volume(path: Path | str, case: str | None = None, kind: str = "image") 
     array, squeezed = _as_3d(array, path, case, kind)
     if squeezed:
         notes.append(Note(f"{kind} {path.name}: shape {stored_shape} squeezed to {array.shape} (a 4th axis of 1)"))
+    if array.size == 0:
+        raise Seg3dError(
+            f"{kind} {path} has no voxels, shape {tuple(array.shape)}; the header's dim is wrong or the export "
+            "failed: re-export it",
+            case=case,
+        )
     notes.extend(_check_affine(affine, path, case, kind))
+    if kind == "image":
+        _check_not_constant(array, path, case)
     return Volume(array=array, affine=affine, notes=notes)
+
+
+def geometry_notes(path: Path | str, case: str | None = None, kind: str = "image") -> list[str]:
+    """The geometry remarks read_volume would make (qform/sform disagreement, oblique directions), from the
+    header alone (one DICOM file's orientation for a series): what inference reports before it reads the voxels.
+    Empty where the header cannot be read; read_volume then says what is wrong."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            affine, notes = _dicom_orientation(path), []
+        else:
+            img = nib.load(path)
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                return []
+            affine, notes = _nifti_geometry(img, path, case, kind)
+        return notes + _check_affine(affine, path, case, kind)
+    except (Seg3dError, *_READ_ERRORS, RuntimeError, np.linalg.LinAlgError):
+        return []
 
 
 def to_ras(volume: Volume) -> Volume:
@@ -82,30 +134,62 @@ def to_ras(volume: Volume) -> Volume:
 
 
 def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    notes: list[str] = []
     try:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ImageFileError(f"{type(img).__name__} is not NIfTI")
+    except _READ_ERRORS as err:
+        raise _unreadable(path, case, kind, err) from None
+    affine, notes = _nifti_geometry(img, path, case, kind)
+    dtype = img.header.get_data_dtype()
+    if dtype.names is not None or dtype.kind not in "biuf":
+        what = "RGB" if dtype.names is not None else {"c": "complex"}.get(dtype.kind, str(dtype))
+        raise Seg3dError(
+            f"{kind} {path} stores {what} voxels; a CT {kind} holds one real number per voxel: export the "
+            "grey-scale volume",
+            case=case,
+        )
+    try:
         # nibabel reads lazily: the data must be read here, inside the try, for a truncated file to fail here.
         array = img.get_fdata(dtype=np.float32) if kind == "image" else np.asanyarray(img.dataobj)
     except _READ_ERRORS as err:
-        raise Seg3dError(
-            f"cannot read {kind} {path} (truncated or not NIfTI?): {type(err).__name__}: {err}; "
-            "re-export or re-download it (a DICOM series is given as its folder)",
-            case=case,
-        ) from err
+        raise _unreadable(path, case, kind, err) from None
+    return array, affine, notes
+
+
+def _unreadable(path: Path, case: str | None, kind: str, err: BaseException) -> Seg3dError:
+    return Seg3dError(
+        f"cannot read {kind} {path} (truncated or not NIfTI?): {type(err).__name__}: {_one_line(err)}; "
+        "re-export or re-download it (a DICOM series is given as its folder)",
+        case=case,
+    )
+
+
+def _nifti_geometry(img, path: Path, case: str | None, kind: str) -> tuple[np.ndarray, list[str]]:
+    """The affine nibabel and MONAI use (sform if coded, else qform, else pixdim alone) and the notes on it."""
+    notes: list[str] = []
     header = img.header
-    qform, qcode = header.get_qform(coded=True)
-    sform, scode = header.get_sform(coded=True)
+    try:
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except _GEOMETRY_ERRORS as err:
+        raise Seg3dError(
+            f"{kind} {path} has an invalid qform/sform ({_one_line(err)}); fix the header's geometry "
+            "(e.g. re-convert the DICOM with dcm2niix)",
+            case=case,
+        ) from None
     if qcode and scode and not np.allclose(qform, sform, atol=AFFINE_TOL):
-        diff = float(np.abs(qform - sform).max())
-        q_axes, s_axes = "".join(nib.aff2axcodes(qform)), "".join(nib.aff2axcodes(sform))
+        q_axes, s_axes = _axcodes(qform), _axcodes(sform)
+        if np.isfinite(qform).all() and np.isfinite(sform).all():
+            by = f"by up to {float(np.abs(qform - sform).max()):.3g} (mm or direction cosine)"
+        else:
+            by = "one of them is not finite"
         notes.append(
             Note(
-                f"{kind} {path.name}: qform ({q_axes}) and sform ({s_axes}) disagree, by up to {diff:.3g} "
-                "(mm or direction cosine); the sform was used, as nibabel and MONAI do, while ITK-based tools "
-                "use the qform: make sure the sform is the intended one",
+                f"{kind} {path.name}: qform ({q_axes}) and sform ({s_axes}) disagree, {by}; the sform was used, "
+                "as nibabel and MONAI do, while ITK-based tools use the qform: make sure the sform is the "
+                "intended one",
                 "warning",
             )
         )
@@ -113,10 +197,29 @@ def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np
         notes.append(
             Note(f"{kind} {path.name}: neither qform nor sform is set; voxel sizes only, no position", "warning")
         )
-    return array, np.asarray(img.affine, dtype=np.float64), notes
+    return affine, notes
+
+
+@contextmanager
+def _quiet_itk():
+    """ITK writes its warnings (an empty folder, uneven slices) straight to the process's stderr, several lines
+    each, next to the one line the CLI prints; what they say is checked and reported here instead."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with _quiet_itk():
+        return _read_dicom_series_quietly(path, case, kind)
+
+
+def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     import SimpleITK as sitk
 
     notes: list[str] = []
@@ -124,10 +227,12 @@ def _read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndar
     try:
         series = reader.GetGDCMSeriesIDs(str(path))
     except RuntimeError as err:
-        raise Seg3dError(f"cannot list DICOM series in {path}: {err}", case=case) from err
+        raise Seg3dError(f"cannot list DICOM series in {path}: {_one_line(err)}", case=case) from None
     if len(series) == 0:
+        article = "an" if kind[0] in "aeiou" else "a"
         raise Seg3dError(
-            f"no DICOM series in {path}; a {kind} must be a NIfTI file or a folder of one DICOM series", case=case
+            f"no DICOM series in {path}; {article} {kind} must be a NIfTI file or a folder of one DICOM series",
+            case=case,
         )
     if len(series) > 1:
         raise Seg3dError(
@@ -138,11 +243,13 @@ def _read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndar
     files = reader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    # ITK prints its own multi-line warning for uneven slice gaps; _slice_gaps below makes that an error instead.
+    reader.SetSpacingWarningRelThreshold(1e9)
     try:
         # GDCM applies RescaleSlope/RescaleIntercept per file: the values come back in HU.
         image = reader.Execute()
     except RuntimeError as err:
-        raise Seg3dError(f"cannot read DICOM series {path}: {str(err).strip()}", case=case) from err
+        raise Seg3dError(f"cannot read DICOM series {path}: {_one_line(err)}", case=case) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise Seg3dError(
             f"DICOM series {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -159,33 +266,60 @@ def _read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndar
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
     affine_lps[:3, 3] = image.GetOrigin()
-    notes.extend(_slice_gaps(reader, len(files), direction[:, 2], path, kind))
+    _check_slice_positions(reader, len(files), direction[:, 2], path, case, kind)
     return array, LPS_TO_RAS @ affine_lps, notes
 
 
-def _slice_gaps(reader, n: int, normal: np.ndarray, path: Path, kind: str) -> list[str]:
-    """ITK takes the slice spacing from the first two slices; a missing slice elsewhere would stretch the
-    anatomy silently, so compare every gap."""
+def _dicom_orientation(path: Path) -> np.ndarray:
+    """A RAS affine with the series' direction cosines (from one file's ImageOrientationPatient) and unit spacing:
+    enough to tell an oblique series before reading it."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader()
+    with _quiet_itk():
+        ids = series.GetGDCMSeriesIDs(str(path))
+        if len(ids) != 1:
+            raise Seg3dError(f"{len(ids)} DICOM series in {path}")
+        first = sitk.ImageFileReader()
+        first.SetFileName(series.GetGDCMSeriesFileNames(str(path), ids[0])[0])
+        first.ReadImageInformation()
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(first.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return LPS_TO_RAS @ affine
+
+
+def _check_slice_positions(reader, n: int, normal: np.ndarray, path: Path, case: str | None, kind: str) -> None:
+    """ITK takes the slice spacing from the first two slices and stacks the slices along their normal. A missing
+    slice further on would stretch the anatomy silently, and a gantry-tilted series (slices shifted along the
+    table, not along their normal) would be read sheared as if it were straight: both are errors."""
     positions = []
     for i in range(n):
         if not reader.HasMetaDataKey(i, "0020|0032"):
-            return []
+            return
         try:
             positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
         except ValueError:
-            return []
-    if n < 3:
-        return []
-    gaps = np.diff(np.asarray(positions) @ normal)
-    if np.ptp(gaps) > max(AFFINE_TOL, 0.01 * abs(float(np.median(gaps)))):
-        return [
-            Note(
-                f"{kind} {path.name}: slice gaps vary from {gaps.min():.3g} to {gaps.max():.3g} mm (missing slices?); "
-                f"the series is read with a uniform {abs(float(gaps[0])):.3g} mm",
-                "warning",
-            )
-        ]
-    return []
+            return
+    if n < 2:
+        return
+    steps = np.diff(np.asarray(positions), axis=0)  # (n - 1, 3): from each slice's origin to the next's, LPS mm
+    gaps = steps @ normal
+    tolerance = max(AFFINE_TOL, 0.01 * abs(float(np.median(gaps))))
+    sideways = float(np.linalg.norm(steps - gaps[:, None] * normal, axis=1).max())
+    if sideways > tolerance:
+        tilt = float(np.degrees(np.arctan2(sideways, abs(float(np.median(gaps))))))
+        raise Seg3dError(
+            f"DICOM series {path} is sheared: each slice is shifted {sideways:.3g} mm sideways of its normal "
+            f"(gantry tilt of about {tilt:.1f} degrees); resample it onto a straight grid first (e.g. dcm2niix "
+            "corrects gantry tilt) and give the NIfTI",
+            case=case,
+        )
+    if n >= 3 and np.ptp(gaps) > tolerance:
+        raise Seg3dError(
+            f"DICOM series {path} has uneven slice gaps, {gaps.min():.3g} to {gaps.max():.3g} mm (a missing "
+            f"slice?); the volume would be stretched: complete the series ({n} slices now) or export it again",
+            case=case,
+        )
 
 
 def _as_3d(array: np.ndarray, path: Path, case: str | None, kind: str) -> tuple[np.ndarray, bool]:
@@ -193,7 +327,7 @@ def _as_3d(array: np.ndarray, path: Path, case: str | None, kind: str) -> tuple[
         return array, False
     if array.ndim > 3 and all(n == 1 for n in array.shape[3:]):
         return array.reshape(array.shape[:3]), True
-    what = "2D" if array.ndim < 3 else f"{array.ndim}D"
+    what = f"{array.ndim}D"
     raise Seg3dError(
         f"{kind} {path} is {what}, shape {tuple(array.shape)}; a CT {kind} must be one 3D volume "
         "(split time series or multi-channel files into one 3D file per volume)",
@@ -203,8 +337,12 @@ def _as_3d(array: np.ndarray, path: Path, case: str | None, kind: str) -> tuple[
 
 def _check_affine(affine: np.ndarray, path: Path, case: str | None, kind: str) -> list[str]:
     linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    if not np.all(np.isfinite(affine)) or np.any(spacing < 1e-6) or abs(np.linalg.det(linear)) < 1e-9:
+    with np.errstate(invalid="ignore", over="ignore"):
+        spacing = np.linalg.norm(linear, axis=0)
+        singular = not np.all(np.isfinite(affine)) or np.any(spacing < 1e-6) or not np.all(np.isfinite(spacing))
+        if not singular:
+            singular = not abs(np.linalg.det(linear / spacing)) > 1e-6  # on unit columns: scale-free
+    if singular:
         raise Seg3dError(
             f"{kind} {path} has a non-invertible affine (voxel sizes {np.round(spacing, 4).tolist()}); "
             "fix the header's pixdim/sform",
@@ -222,8 +360,20 @@ def _check_affine(affine: np.ndarray, path: Path, case: str | None, kind: str) -
         return [
             Note(
                 f"{kind} {path.name}: oblique directions (gantry tilt?), up to {tilt:.1f} degrees off the nearest "
-                f"axis ({''.join(nib.aff2axcodes(affine))}); used as stored",
+                f"axis ({_axcodes(affine)}); used as stored: the output keeps these directions",
                 "info",
             )
         ]
     return []
+
+
+def _check_not_constant(array: np.ndarray, path: Path, case: str | None) -> None:
+    """A CT holds air, tissue and bone: one value in every voxel is a blank export, not a scan. (NaN compares
+    unequal, so an image with NaN is left to the NaN check, which counts them.)"""
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise Seg3dError(
+            f"image {path} holds one value, {float(lo):g}, in every voxel; it is blank (a failed export or a "
+            "placeholder), not a CT: export the scan again",
+            case=case,
+        )

@@ -24,6 +24,7 @@ from pipeline import faults
 from pipeline.bundle import Bundle, load_bundle
 from pipeline.data import Case, case_id, list_images
 from pipeline.errors import Seg3dError
+from pipeline.imageio import geometry_notes
 from pipeline.predict import Predictor, dicom_seg_sources, write_dicom_seg, write_labels, write_probabilities
 
 NIFTI = (".nii.gz", ".nii")
@@ -204,6 +205,9 @@ def _sweep_temporaries(plans) -> None:
 def _one_case(predictor: Predictor, bundle: Bundle, case: Case, plan: CaseOutputs, overlays: bool) -> dict[str, float]:
     if plan.dicom_seg is not None:
         dicom_seg_sources(case.image)  # refuse a series a SEG cannot reference before computing anything
+    # Real scans, not errors, but the user must know which geometry the output follows: qform or sform, oblique.
+    for note in geometry_notes(case.image, case.case):
+        tqdm.write(f"seg3d infer: warning: {case.case}: {note}", file=sys.stderr)
     gates = overlays and predictor.has_gates
     pred = predictor.predict_file(case.image, case=case.case, probabilities=plan.probabilities is not None, gates=gates)
     faults.point("infer.case")

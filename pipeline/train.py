@@ -5,6 +5,8 @@ config -> datalist + integrity check -> split -> statistics -> transforms -> cac
 gradient clipping -> validation on whole volumes with the Predictor that inference uses -> checkpoints,
 bundle, MLflow.
 
+Distributed: under torchrun every rank runs `train`; see pipeline/distributed.py and `train`'s docstring.
+
 Crash safety: a checkpoint is written (atomically) before an epoch's metrics are sent to MLflow, and `--resume`
 sends whatever epochs the tracking server does not have yet, so a kill at any point loses no epoch and
 duplicates none.
@@ -12,6 +14,7 @@ duplicates none.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -35,17 +39,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attention3d import se_loss
+from pipeline import faults
 from pipeline.bundle import (
     atomic_write,
     atomic_write_text,
     load_checkpoint,
     load_state_dict_checked,
+    remove_temporaries,
     rng_state,
     save_bundle,
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import Config, config_from_dict, load_config, save_config
+from pipeline.distributed import Dist, restart_count
 from pipeline.errors import Seg3dError
 from pipeline.evaluate import dice_per_class, mean_foreground_dice
 from pipeline.predict import Predictor, autocast, resolve_precision
@@ -225,22 +232,22 @@ def _make_train_dataset(cfg: Config, pre: Preprocessing, records: list[dict], ru
     return MonaiDataset(records, transform)
 
 
-def loader_workers(cfg: Config, device: torch.device) -> int:
+def loader_workers(cfg: Config, device: torch.device, ranks_per_node: int = 1) -> int:
     if cfg.data.num_workers is not None:
         return cfg.data.num_workers
-    return min(8, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+    return min(8, (os.cpu_count() or 2) // 2 // ranks_per_node) if device.type == "cuda" else 0
 
 
-def _epoch_loader(cfg: Config, dataset, epoch: int, workers: int) -> DataLoader:
-    """A loader for one epoch whose sampling and augmentation depend only on (seed, epoch): a resumed run sees
-    the same patches it would have seen without the interruption."""
+def _epoch_loader(cfg: Config, dataset, epoch: int, workers: int, rank: int = 0) -> DataLoader:
+    """A loader for one epoch whose sampling and augmentation depend only on (seed, epoch, rank): a resumed run sees
+    the same patches it would have seen without the interruption, and each rank of a distributed run other ones."""
     t, d = cfg.train, cfg.data
     if t.batch_size % d.samples_per_volume:
         raise Seg3dError(
             f"train.batch_size ({t.batch_size}) must be a multiple of data.samples_per_volume ({d.samples_per_volume})"
         )
     volumes = t.batch_size // d.samples_per_volume
-    seed = t.seed * 100_003 + epoch
+    seed = t.seed * 100_003 + epoch + rank * 1_000_003
     generator = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(
         dataset, replacement=True, num_samples=t.iterations_per_epoch * volumes, generator=generator
@@ -257,6 +264,7 @@ def validate(predictor: Predictor, val_data, num_classes: int) -> dict[str, list
         logits = predictor.predict_preprocessed(item[IMAGE][None].as_tensor())
         pred = logits.argmax(1)[0]
         per_case[item["case"]] = dice_per_class(pred, item[LABEL][0].as_tensor().long(), num_classes)
+        faults.point("validation.case")
     return per_case
 
 
@@ -281,17 +289,25 @@ def train(
     config_path: Path | str | None = None,
     progress: bool | None = None,
 ) -> TrainResult:
-    """Train one fold; see the module docstring. `cfg` may be None with resume=True (the stored config is used)."""
+    """Train one fold; see the module docstring. `cfg` may be None with resume=True (the stored config is used).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0 owns RUN_DIR (lock, files, checkpoints, bundle)
+    and the MLflow run; all ranks train a DistributedDataParallel copy on their own share of the cases. After
+    torchrun restarted the group (TORCHELASTIC_RESTART_COUNT > 0), a run folder that already holds this run is
+    resumed from its last checkpoint."""
+    dist = Dist.from_env()
     run_dir = Path(output)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = dist.is_main and not run_dir.exists()
+    dist.init()
     try:
-        with RunLock(run_dir):
-            return _train_locked(cfg, Path(data), run_dir, tracking_uri, resume, config_path, progress)
+        with contextlib.ExitStack() as stack:
+            return _train_locked(dist, stack, cfg, Path(data), run_dir, tracking_uri, resume, config_path, progress)
     except Seg3dError:
-        if created and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+        if created and run_dir.exists() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
             shutil.rmtree(run_dir, ignore_errors=True)  # refused before anything was written: leave no trace
         raise
+    finally:
+        dist.close()
 
 
 def _prepare_run_dir(cfg: Config | None, run_dir: Path, resume: bool) -> tuple[Config, dict | None, dict]:
@@ -329,14 +345,35 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progress) -> TrainResult:
+@dataclass
+class _Plan:
+    """What rank 0 decided before any compute, handed to every rank (plain, picklable values)."""
+
+    config: dict
+    resume: bool
+    state: dict | None
+    run_info: dict
+    split: dict
+    preprocessing: str
+    class_names: list[str]
+    train_records: list[dict]
+    val_records: list[dict]
+
+
+def _plan(stack, cfg, data, run_dir, tracking_uri, resume, world, main_only: dict) -> _Plan:
+    """Rank 0: lock RUN_DIR, check the config, tracking store and dataset, fix split and preprocessing."""
     from pipeline.data import check_dataset, load_dataset
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(RunLock(run_dir))
+    for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed attempt's writes left, under our lock now
+        remove_temporaries(folder)
+    if not resume and restart_count() > 0 and (run_dir / "config.yaml").exists():
+        resume = True  # torchrun restarted the job after a worker died: continue this run from its last checkpoint
     cfg, state, run_info = _prepare_run_dir(cfg, run_dir, resume)
     tracker = Tracker(
         run_info.get("tracking_uri") if resume and not tracking_uri else tracking_uri, cfg.experiment, run_dir
     )
-    tracker.check()  # a dead server is an error now, not after training
 
     labels = None
     if cfg.data.labels:
@@ -350,27 +387,75 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
             f"dataset {data} has {len(errors)} problem(s), first: {errors[0].case}: {errors[0].message}; "
             f"run `seg3d check-data {data}` for all of them"
         )
-    class_names = list(dataset.labels)
-    num_classes = len(class_names)
+    tracker.check()  # a dead server is an error now, not after training (and a bad dataset leaves no store behind)
 
     if state is None or not (run_dir / "split.json").exists():
         split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed)
     else:
         split = json.loads((run_dir / "split.json").read_text())
-    missing = sorted(set(split["train"] + split["val"]) - set(_cases_by_id(dataset)))
+    cases = _cases_by_id(dataset)
+    missing = sorted(set(split["train"] + split["val"]) - set(cases))
     if missing:
         raise Seg3dError(f"the run's split names cases the dataset no longer has: {missing[:5]}")
+    if len(split["train"]) < world:
+        raise Seg3dError(
+            f"{len(split['train'])} training case(s) cannot feed {world} ranks (each trains on its own cases); "
+            f"start at most {len(split['train'])} processes, or add cases"
+        )
     infos = {i.case: i for i in report.infos}
     if (run_dir / "preprocessing.json").exists() and resume:
         pre = Preprocessing.from_json((run_dir / "preprocessing.json").read_text())
     else:
         pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
 
-    # -- model, optimiser, precision
-    device = pick_device(cfg.train.device)
+    spacings = np.array([infos[c].spacing_ras for c in split["train"]])
+    main_only["tracker"], main_only["cfg"] = tracker, cfg
+    main_only["dataset_params"] = {
+        "path": str(Path(data).resolve()),
+        "cases": len(dataset.cases),
+        "train_cases": len(split["train"]),
+        "val_cases": len(split["val"]),
+        "median_spacing_mm": [round(float(s), 3) for s in np.median(spacings, axis=0)],
+        "datalist_hash": dataset.fingerprint(),
+        "labels": dict(dataset.labels),
+    }
+    return _Plan(
+        config=cfg.to_dict(),
+        resume=resume,
+        state=state,
+        run_info=run_info,
+        split=split,
+        preprocessing=pre.to_json(),
+        class_names=list(dataset.labels),
+        train_records=[as_record(c, cases[c].image, cases[c].label) for c in split["train"]],
+        val_records=[as_record(c, cases[c].image, cases[c].label) for c in split["val"]],
+    )
+
+
+@dataclass
+class _Setup:
+    """One rank's model, optimiser and share of the data."""
+
+    device: torch.device
+    model: nn.Module
+    net: nn.Module  # what the training step calls: `model`, or its DistributedDataParallel wrapper
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    optimizer: Any
+    scheduler: Any
+    loss_fn: SegLoss
+    train_ds: Any
+    val_ds: Any
+    predictor: Predictor
+    workers: int
+
+
+def _setup(dist: Dist, cfg: Config, plan: _Plan, pre: Preprocessing, run_dir: Path) -> _Setup:
+    num_classes = len(plan.class_names)
+    device = dist.device(pick_device(cfg.train.device))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    set_determinism(seed=cfg.train.seed)
+    set_determinism(seed=cfg.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = build(cfg.model.name, spatial_dims=3, in_channels=1, out_channels=num_classes, **cfg.model.overrides())
     model.to(device)
     amp_dtype = resolve_precision(cfg.train.precision, device)
@@ -381,37 +466,58 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
     loss_fn = SegLoss(cfg, model.output_names, num_classes)
 
-    start_epoch, history, best = 0, [], {"dice": -1.0, "epoch": -1, "per_case": {}}
+    state = plan.state
     if state is not None:
         load_state_dict_checked(model, state["model"], run_dir / CHECKPOINTS / "last.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
+        per_rank = state.get("rng_ranks") or []
+        if len(per_rank) == dist.world:
+            set_rng_state(per_rank[dist.rank])
+        elif dist.is_main:
+            set_rng_state(state["rng"])
+        else:
+            set_determinism(seed=cfg.train.seed + dist.rank)  # saved by another world size: a fresh stream
+    elif not dist.is_main:
+        set_determinism(seed=cfg.train.seed + dist.rank)  # other ranks draw other random numbers
 
-    # -- data
-    cases = _cases_by_id(dataset)
-    train_records = [as_record(c, cases[c].image, cases[c].label) for c in split["train"]]
-    val_records = [as_record(c, cases[c].image, cases[c].label) for c in split["val"]]
-    train_ds = _make_train_dataset(cfg, pre, train_records, run_dir)
-    val_ds = CacheDataset(val_records, validation_transforms(pre), progress=False) if val_records else []
+    net = model
+    if dist.enabled:
+        # An auxiliary output whose loss weight is 0 leaves its branch without gradient; DDP must be told.
+        unused = any(w == 0 for w in loss_fn.weights)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+
+    # Each rank preprocesses and caches only its own cases.
+    train_ds = _make_train_dataset(cfg, pre, dist.partition(plan.train_records), run_dir)
+    val_share = dist.partition(plan.val_records)
+    val_ds = CacheDataset(val_share, validation_transforms(pre), progress=False) if val_share else []
     predictor = Predictor(model, pre, cfg.data.patch_size, cfg.inference, None, device, cfg.train.precision)
-    workers = loader_workers(cfg, device)
+    workers = loader_workers(cfg, device, ranks_per_node=dist.local_world)
+    return _Setup(
+        device, model, net, amp_dtype, scaler, optimizer, scheduler, loss_fn, train_ds, val_ds, predictor, workers
+    )
 
-    # -- tracking
+
+def _start_tracking(dist: Dist, cfg, plan: _Plan, s: _Setup, run_dir, data, config_path, main_only) -> str:
+    """Rank 0: start (or resume) the MLflow run and write the run's files, now that nothing is left to refuse."""
+    tracker: Tracker = main_only["tracker"]
+    pre = Preprocessing.from_json(plan.preprocessing)
     tags = {
         "variant": cfg.model.name,
         "git_commit": git_commit(),
         "torch": torch.__version__,
         "monai": __import__("monai").__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "precision": str(amp_dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "precision": str(s.amp_dtype).removeprefix("torch."),
         "fold": str(cfg.train.fold),
     }
+    if dist.enabled:
+        tags["distributed"] = f"{dist.world} ranks, {dist.backend}"
+    run_info = plan.run_info
     run_id = tracker.start(run_name=run_info.get("run_name", run_dir.name), tags=tags, run_id=run_info.get("run_id"))
-    show = progress  # None: a bar on a terminal only
-    stale = 0
     try:
         run_info = {
             "run_id": run_id,
@@ -422,45 +528,66 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
         }
         # The run's files are written only now that everything a user can get wrong has been checked, so a
         # mistake leaves no half-made run behind that would demand --resume.
-        if not resume:
+        if not plan.resume:
             save_config(cfg, run_dir / "config.yaml")
-            atomic_write_text(run_dir / "split.json", json.dumps(split, indent=2))
+            atomic_write_text(run_dir / "split.json", json.dumps(plan.split, indent=2))
             atomic_write_text(run_dir / "preprocessing.json", pre.to_json())
             if config_path is not None:
                 atomic_write_text(run_dir / "config.source.yaml", Path(config_path).read_text())
         atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
-        if state is None:  # a fresh run, or one killed before its first checkpoint (same values: MLflow accepts)
-            spacings = np.array([infos[c].spacing_ras for c in split["train"]])
+        if plan.state is None:  # a fresh run, or one killed before its first checkpoint (same values: MLflow accepts)
             tracker.log_params(cfg.to_dict())
-            tracker.log_params(
-                {
-                    "dataset": {
-                        "path": str(Path(data).resolve()),
-                        "cases": len(dataset.cases),
-                        "train_cases": len(split["train"]),
-                        "val_cases": len(split["val"]),
-                        "median_spacing_mm": [round(float(s), 3) for s in np.median(spacings, axis=0)],
-                        "datalist_hash": dataset.fingerprint(),
-                        "labels": dict(dataset.labels),
-                    },
-                    "preprocessing": {
-                        "target_spacing_mm": [round(s, 3) for s in pre.target_spacing],
-                        "clip_hu": [round(c, 1) for c in pre.clip],
-                        "mean": round(pre.mean, 2),
-                        "std": round(pre.std, 2),
-                    },
-                    "model": {"parameters": sum(p.numel() for p in model.parameters())},
+            params = {
+                "dataset": main_only["dataset_params"],
+                "preprocessing": {
+                    "target_spacing_mm": [round(s, 3) for s in pre.target_spacing],
+                    "clip_hu": [round(c, 1) for c in pre.clip],
+                    "mean": round(pre.mean, 2),
+                    "std": round(pre.std, 2),
+                },
+                "model": {"parameters": sum(p.numel() for p in s.model.parameters())},
+            }
+            if dist.enabled:
+                params["distributed"] = {
+                    "world_size": dist.world,
+                    "global_batch_size": cfg.train.batch_size * dist.world,
                 }
-            )
+            tracker.log_params(params)
             if config_path is not None:
                 tracker.log_artifact(Path(config_path), "config")
         else:
-            _resend_missing_epochs(tracker, history)
+            _resend_missing_epochs(tracker, plan.state["history"])
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return run_id
 
+
+def _train_locked(dist, stack, cfg, data, run_dir, tracking_uri, resume, config_path, progress) -> TrainResult:
+    main_only: dict[str, Any] = {}  # rank 0's tracker and dataset facts; never leaves rank 0
+    plan = dist.on_main(lambda: _plan(stack, cfg, data, run_dir, tracking_uri, resume, dist.world, main_only))
+    cfg = main_only.get("cfg") or config_from_dict(plan.config, str(run_dir / "config.yaml"))
+    pre = Preprocessing.from_json(plan.preprocessing)
+    class_names, split, val_records = plan.class_names, plan.split, plan.val_records
+    num_classes = len(class_names)
+
+    s = dist.agree(lambda: _setup(dist, cfg, plan, pre, run_dir))
+    model, device, optimizer, scheduler, scaler = s.model, s.device, s.optimizer, s.scheduler, s.scaler
+    start_epoch, history, best = 0, [], {"dice": -1.0, "epoch": -1, "per_case": {}}
+    if plan.state is not None:
+        start_epoch, history, best = int(plan.state["epoch"]), list(plan.state["history"]), dict(plan.state["best"])
+    # (after the checkpoint's history told the tracker which epochs a crash kept from the store)
+    dist.on_main(lambda: _start_tracking(dist, cfg, plan, s, run_dir, data, config_path, main_only))
+    plan.state = None  # the weights live in the model and optimiser now; do not hold a second copy
+    tracker: Tracker | None = main_only.get("tracker")
+    show = progress if dist.is_main else False  # None: a bar on a terminal only
+    kill_at = _fault_injection_step(dist)
+    stale = 0
+    try:
         # -- epochs
         for epoch in range(start_epoch, cfg.train.epochs):
-            model.train()
-            loader = _epoch_loader(cfg, train_ds, epoch, workers)
+            s.net.train()
+            loader = _epoch_loader(cfg, s.train_ds, epoch, s.workers, rank=dist.rank)
             t0, losses = time.perf_counter(), []
             bar = tqdm(
                 total=cfg.train.iterations_per_epoch,
@@ -470,15 +597,19 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
                 dynamic_ncols=True,
             )
             for batch in loader:
+                if kill_at is not None and epoch * cfg.train.iterations_per_epoch + len(losses) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 image = batch[IMAGE].to(device, non_blocking=True)
                 label = batch[LABEL].to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
-                with autocast(device, amp_dtype):
-                    outputs = model(image)
-                loss = loss_fn(outputs, label)
-                if not torch.isfinite(loss):
+                with autocast(device, s.amp_dtype):
+                    outputs = s.net(image)
+                loss = s.loss_fn(outputs, label)
+                mean_loss = dist.all_mean(loss.detach())  # every rank sees the same value, so all stop together
+                if not torch.isfinite(mean_loss):
                     raise Seg3dError(
-                        f"epoch {epoch + 1}: the loss became {loss.item()}; lower train.lr or use train.precision=fp32"
+                        f"epoch {epoch + 1}: the loss became {mean_loss.item()}; lower train.lr or use "
+                        "train.precision=fp32"
                     )
                 scaler.scale(loss).backward()
                 if cfg.train.grad_clip:
@@ -487,7 +618,8 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                losses.append(loss.item())
+                faults.point("train.step")
+                losses.append(mean_loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", best=f"{max(best['dice'], 0):.3f}")
             bar.close()
@@ -496,9 +628,9 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
 
             val = None
             last_epoch = epoch + 1 == cfg.train.epochs
-            if val_ds and ((epoch + 1) % cfg.train.val_every == 0 or last_epoch):
+            if val_records and ((epoch + 1) % cfg.train.val_every == 0 or last_epoch):
                 model.eval()
-                val = validate(predictor, val_ds, num_classes)
+                val = _gather_validation(dist, validate(s.predictor, s.val_ds, num_classes), split["val"])
             row = _flatten_epoch(
                 epoch,
                 class_names,
@@ -514,35 +646,97 @@ def _train_locked(cfg, data, run_dir, tracking_uri, resume, config_path, progres
                 stale = 0
             elif val is not None:
                 stale += 1
-            history.append(row)
             stop = cfg.train.early_stop is not None and stale >= cfg.train.early_stop
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
-                "rng": rng_state(),
-                "history": history,
-                "best": best,
-                "stopped_early": stop,
-                "model_name": cfg.model.name,
-            }
-            if improved or best["epoch"] < 0:
-                save_checkpoint(ckpt, run_dir / CHECKPOINTS / "best.pt")
-            save_checkpoint(ckpt, run_dir / CHECKPOINTS / "last.pt")
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+            # Every rank computed these from the same gathered numbers; rank 0's copy is the one that counts.
+            row, improved, best, stale, stop = dist.broadcast((row, improved, best, stale, stop))
+            history.append(row)
+            rngs = dist.gather(rng_state()) if dist.enabled else None
+            if dist.is_main:
+                ckpt = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "rng": rng_state(),
+                    "history": history,
+                    "best": best,
+                    "stopped_early": stop,
+                    "model_name": cfg.model.name,
+                }
+                if rngs is not None:
+                    ckpt["rng_ranks"] = rngs
+                if improved or best["epoch"] < 0:
+                    save_checkpoint(ckpt, run_dir / CHECKPOINTS / "best.pt")
+                save_checkpoint(ckpt, run_dir / CHECKPOINTS / "last.pt")
+                faults.point("epoch.checkpointed")  # on disk, not yet in MLflow
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
             _print_epoch(row, class_names, cfg.train.epochs, show)
             if stop:
-                print(f"early stop: no better validation Dice for {stale} validations")
+                if dist.is_main:
+                    print(f"early stop: no better validation Dice for {stale} validations")
                 break
-        return _finish(cfg, run_dir, model, pre, predictor, tracker, history, best, class_names, val_records, split)
+        _write_rank_report(dist, model, s, epoch_count=len(history))
+        return dist.on_main(
+            lambda: _finish(
+                cfg, run_dir, model, pre, s.predictor, tracker, history, best, class_names, val_records, split
+            )
+        )
     except KeyboardInterrupt:
-        tracker.end("KILLED")
+        if tracker is not None:
+            tracker.end("KILLED")
         raise
     except BaseException:
-        tracker.end("FAILED")
+        if tracker is not None:
+            tracker.end("FAILED")
         raise
+
+
+def _gather_validation(dist: Dist, mine: dict[str, list[float]], val_cases: list[str]) -> dict[str, list[float]]:
+    """Every rank's per-case Dice, merged in the split's case order: each validation case counted exactly once,
+    whether or not the cases divide evenly among the ranks."""
+    merged: dict[str, list[float]] = {}
+    for part in dist.gather(mine):
+        merged.update(part)
+    if sorted(merged) != sorted(val_cases):
+        raise RuntimeError(f"validation covered {sorted(merged)}, expected the split's {sorted(val_cases)}")
+    return {case: merged[case] for case in val_cases}
+
+
+FAULT_ENV = "SEG3D_FAULT_KILL_AT_STEP"
+RANK_REPORT_ENV = "SEG3D_RANK_REPORT_DIR"
+
+
+def _fault_injection_step(dist: Dist) -> int | None:
+    """For restart tests: `RANK:STEP` in SEG3D_FAULT_KILL_AT_STEP makes that rank kill itself with SIGKILL at that
+    global step, on torchrun's first attempt only (so the restarted job can finish)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or restart_count() > 0:
+        return None
+    rank, _, step = spec.partition(":")
+    return int(step) if int(rank) == dist.rank else None
+
+
+def _write_rank_report(dist: Dist, model: nn.Module, s: _Setup, epoch_count: int) -> None:
+    """With SEG3D_RANK_REPORT_DIR set, each rank writes what it trained on and a SHA-256 of its final weights
+    (rank<r>.json), so that a test can compare the ranks' own parameters, not rank 0's copy of them."""
+    folder = os.environ.get(RANK_REPORT_ENV)
+    if not folder:
+        return
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    report = {
+        "rank": dist.rank,
+        "world": dist.world,
+        "epochs": epoch_count,
+        "attempt": restart_count(),
+        "train_cases": sorted(r["case"] for r in s.train_ds.data),
+        "val_cases": sorted(r["case"] for r in getattr(s.val_ds, "data", [])),
+        "state_sha256": digest.hexdigest(),
+    }
+    atomic_write_text(Path(folder) / f"rank{dist.rank}.json", json.dumps(report, indent=2))
 
 
 def _resend_missing_epochs(tracker: Tracker, history: list[dict]) -> None:
@@ -624,6 +818,7 @@ def _finish(
         tracker.log_table(table, "per_case_dice.json")
     tracker.log_artifacts(bundle, "bundle")
     version = tracker.register_model("bundle", cfg.registry_name)
+    faults.point("train.finish")
     tracker.end("FINISHED")
     return TrainResult(
         run_dir=run_dir,

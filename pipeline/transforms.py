@@ -161,6 +161,11 @@ class LoadCTd(MapTransform):
                 array = array.astype(np.float32, copy=False)
                 if not np.isfinite(array).all():
                     raise Seg3dError("image holds NaN or Inf voxels; repair or exclude the scan", case=case)
+                if self.pre.foreground_crop and not (array > self.pre.body_threshold_hu).any():
+                    raise Seg3dError(
+                        f"no voxel above {self.pre.body_threshold_hu:g} HU, so no body to crop to; is this a CT in HU?",
+                        case=case,
+                    )
             meta = {
                 "filename_or_obj": str(d[key]),
                 "original_affine": vol.affine.copy(),

@@ -12,6 +12,11 @@ from pipeline.errors import Seg3dError
 from pipeline.imageio import LPS_TO_RAS, read_volume, to_ras
 
 
+def _ramp(shape) -> np.ndarray:
+    """Not constant: a constant image is refused as blank (test_bad_input.py)."""
+    return (np.arange(int(np.prod(shape))) % 1000).reshape(shape).astype(np.int16)
+
+
 def _save(path, array, affine=None):
     nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0]) if affine is None else affine), path)
     return path
@@ -48,7 +53,7 @@ def test_to_ras_flips_voxels_without_moving_them_in_world(tmp_path):
     [((6, 5, 4, 1), True), ((6, 5, 4, 3), False), ((6, 5), False), ((6, 5, 4, 1, 2), False)],
 )
 def test_dimensions(tmp_path, shape, ok):
-    path = _save(tmp_path / "x.nii.gz", np.zeros(shape, np.int16))
+    path = _save(tmp_path / "x.nii.gz", _ramp(shape))
     if ok:
         v = read_volume(path, case="c1")
         assert v.array.shape == shape[:3]
@@ -72,7 +77,7 @@ def test_truncated_text_and_missing_files_are_errors_with_the_case(tmp_path):
 
 
 def test_qform_sform_disagreement_is_a_note_and_the_sform_is_used(tmp_path):
-    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), None)
+    img = nib.Nifti1Image(_ramp((4, 4, 4)), None)
     sform = np.diag([1.0, 1.0, 2.0, 1.0])
     img.set_sform(sform, code=1)
     img.set_qform(np.diag([-1.0, 1.0, 2.0, 1.0]), code=1)
@@ -88,15 +93,15 @@ def test_oblique_is_a_note_and_shear_is_an_error(tmp_path):
     rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
     oblique = np.eye(4)
     oblique[:3, :3] = rot @ np.diag([0.8, 0.8, 2.5])
-    v = read_volume(_save(tmp_path / "o.nii.gz", np.zeros((4, 4, 4), np.int16), oblique))
+    v = read_volume(_save(tmp_path / "o.nii.gz", _ramp((4, 4, 4)), oblique))
     assert len(v.notes) == 1 and "oblique directions" in v.notes[0] and "12.0 degrees" in v.notes[0]
     sheared = np.diag([0.8, 0.8, 2.5, 1.0])
     sheared[0, 2] = 0.5  # z axis leans into x
     with pytest.raises(Seg3dError, match="sheared affine"):
-        read_volume(_save(tmp_path / "s.nii.gz", np.zeros((4, 4, 4), np.int16), sheared), case="c1")
+        read_volume(_save(tmp_path / "s.nii.gz", _ramp((4, 4, 4)), sheared), case="c1")
     header = nib.Nifti1Header()
     header.set_sform(np.diag([0.8, 0.8, 0.0, 1.0]), code=1)  # nibabel refuses such an affine, a header takes it
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), None, header), tmp_path / "z.nii.gz")
+    nib.save(nib.Nifti1Image(_ramp((4, 4, 4)), None, header), tmp_path / "z.nii.gz")
     with pytest.raises(Seg3dError, match=r"^c1: image .* has a non-invertible affine"):
         read_volume(tmp_path / "z.nii.gz", case="c1")
 
@@ -142,14 +147,15 @@ def test_dicom_folder_errors(real_ct, tmp_path):
         read_volume(two, case="c1")
 
 
-def test_dicom_missing_slice_is_a_warning(real_ct, tmp_path):
-    """ITK takes the slice gap from the first two slices; a gap further on must not pass silently."""
+def test_dicom_missing_slice_is_an_error(real_ct, tmp_path):
+    """ITK takes the slice gap from the first two slices; a gap further on would stretch the anatomy silently."""
     series = tmp_path / "series"
     shutil.copytree(real_ct / "dicom_series", series)
     (series / "slice_010.dcm").unlink()
-    v = read_volume(series)
-    assert v.array.shape == (512, 512, 19)
-    assert len(v.notes) == 1 and "slice gaps vary from 2 to 4 mm" in v.notes[0] and v.notes[0].level == "warning"
+    with pytest.raises(
+        Seg3dError, match=r"^c1: DICOM series .* has uneven slice gaps, 2 to 4 mm \(a missing slice\?\)"
+    ):
+        read_volume(series, case="c1")
 
 
 def test_dicom_series_and_las_label_align_voxel_for_voxel(real_ct):

@@ -247,3 +247,42 @@ def test_batch_inference_killed_resumes_without_half_files_or_recomputing(batch,
     assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(4)], "no temporaries left"
     for path, (mtime, sha) in finished.items():
         assert path.stat().st_mtime_ns == mtime and hashlib.sha256(path.read_bytes()).hexdigest() == sha
+
+
+@pytest.fixture(scope="module")
+def killed_run(phantom, tmp_path_factory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("finished")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    killed = _train(phantom, root / "run", uri, *TRAIN, fault="epoch.checkpointed:2")  # a run to resume
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return root / "run", uri
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defect", ["truncated", "other_variant", "wrong_shape"])
+def test_a_corrupt_checkpoint_is_refused_on_resume_naming_the_file(killed_run, phantom, tmp_path, defect):
+    import shutil
+
+    from pipeline.bundle import save_checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(killed_run[0], run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    if defect == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        ckpt = load_checkpoint(last)
+        other = (
+            create_model("unet", channels=(4, 8, 16), strides=(2, 2), out_channels=3)
+            if defect == "other_variant"
+            else create_model("attention_unet", channels=(8, 16, 32), strides=(2, 2), out_channels=3)
+        )
+        save_checkpoint({**ckpt, "model": other.state_dict()}, last)
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    resumed = _train(phantom, run_dir, killed_run[1], "--resume")
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    lines = resumed.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(last) in lines[0] and "Traceback" not in resumed.stderr, resumed.stderr
+    expect = {"truncated": "cannot be loaded safely", "other_variant": "another model variant", "wrong_shape": "shape"}
+    assert expect[defect] in lines[0]
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before, "a refused resume leaves the checkpoint as it was"

@@ -9,6 +9,9 @@ NAME it
 - wait: touches DIR/NAME.N.reached and blocks until DIR/NAME.N.go exists, DIR being SEG3D_FAULT_DIR (meanwhile
   a test takes a server away or starts a second training).
 
+Under torchrun, SEG3D_FAULT_RANK=R limits the faults to the process of RANK R, and a job that torchrun restarted
+(TORCHELASTIC_RESTART_COUNT > 0) runs clean: a fault is injected once per job, so the restart can finish it.
+
 The tests in tests/pipeline/test_faults.py drive it; nobody else should set SEG3D_FAULT.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 ENV = "SEG3D_FAULT"
 DIR_ENV = "SEG3D_FAULT_DIR"
+RANK_ENV = "SEG3D_FAULT_RANK"
 WAIT_LIMIT_S = 600.0
 
 _hits: Counter[str] = Counter()
@@ -29,7 +33,7 @@ _hits: Counter[str] = Counter()
 
 def point(name: str) -> None:
     spec = os.environ.get(ENV)
-    if not spec:
+    if not spec or not _armed():
         return
     _hits[name] += 1
     for item in spec.split(","):
@@ -37,6 +41,13 @@ def point(name: str) -> None:
         count, _, action = rest.partition(":")
         if target == name and _hits[name] == int(count or 1):
             _act(name, _hits[name], action or "kill")
+
+
+def _armed() -> bool:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return False
+    rank = os.environ.get(RANK_ENV)
+    return rank is None or rank == os.environ.get("RANK", "0")
 
 
 def _act(name: str, count: int, action: str) -> None:

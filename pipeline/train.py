@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -581,7 +580,6 @@ def _train_locked(dist, stack, cfg, data, run_dir, tracking_uri, resume, config_
     plan.state = None  # the weights live in the model and optimiser now; do not hold a second copy
     tracker: Tracker | None = main_only.get("tracker")
     show = progress if dist.is_main else False  # None: a bar on a terminal only
-    kill_at = _fault_injection_step(dist)
     stale = 0
     try:
         # -- epochs
@@ -597,8 +595,6 @@ def _train_locked(dist, stack, cfg, data, run_dir, tracking_uri, resume, config_
                 dynamic_ncols=True,
             )
             for batch in loader:
-                if kill_at is not None and epoch * cfg.train.iterations_per_epoch + len(losses) == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 image = batch[IMAGE].to(device, non_blocking=True)
                 label = batch[LABEL].to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
@@ -703,18 +699,7 @@ def _gather_validation(dist: Dist, mine: dict[str, list[float]], val_cases: list
     return {case: merged[case] for case in val_cases}
 
 
-FAULT_ENV = "SEG3D_FAULT_KILL_AT_STEP"
 RANK_REPORT_ENV = "SEG3D_RANK_REPORT_DIR"
-
-
-def _fault_injection_step(dist: Dist) -> int | None:
-    """For restart tests: `RANK:STEP` in SEG3D_FAULT_KILL_AT_STEP makes that rank kill itself with SIGKILL at that
-    global step, on torchrun's first attempt only (so the restarted job can finish)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or restart_count() > 0:
-        return None
-    rank, _, step = spec.partition(":")
-    return int(step) if int(rank) == dist.rank else None
 
 
 def _write_rank_report(dist: Dist, model: nn.Module, s: _Setup, epoch_count: int) -> None:

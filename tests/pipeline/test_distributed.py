@@ -173,7 +173,8 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_where_a
     args = _train_args(store["data"], run_dir, store["uri"], "ddp-killed", store["config"])
     seg3d = Path(sys.executable).with_name("seg3d")
     done = _run(
-        [str(seg3d), *args, "--nproc", "2", "--max-restarts", "1"], _env(reports, SEG3D_FAULT_KILL_AT_STEP="1:3")
+        [str(seg3d), *args, "--nproc", "2", "--max-restarts", "1"],
+        _env(reports, SEG3D_FAULT="train.step:3", SEG3D_FAULT_RANK="1"),
     )
     assert done.returncode == 0, done.stdout[-4000:]
     assert "exitcode: -9" in done.stdout, "rank 1 was not killed: the restart path was not exercised"

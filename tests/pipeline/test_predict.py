@@ -125,3 +125,32 @@ def test_channels_last_inference_gives_the_same_probabilities(name):
     assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
     assert not any(w.is_contiguous() for w in weights)  # really converted, not contiguous in both layouts
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)
+
+
+def test_batch_norms_are_folded_in_a_copy_with_the_same_probabilities():
+    """Predictor(fold_norms=True), as `from_bundle` builds it, runs a copy of the network with its batch norms
+    folded into the convolutions: the same probabilities, and the caller's model (a bundle's, maybe saved or
+    trained further) is untouched."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from attention3d import create_model
+    from pipeline.config import InferenceConfig
+    from pipeline.predict import Predictor
+    from tests.attention3d.test_fusion import _randomise_statistics
+
+    torch.manual_seed(0)
+    model = create_model(
+        "attention_unet", in_channels=1, out_channels=3, channels=[8, 16, 32], strides=[2, 2], norm="batch"
+    )
+    _randomise_statistics(model)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.randn(1, 1, 40, 36, 20)
+    out = {}
+    for fold in (False, True):
+        predictor = Predictor(model, PRE, (32, 32, 16), InferenceConfig(), None, "cpu", "fp32", fold_norms=fold)
+        assert any(isinstance(m, _BatchNorm) for m in predictor.model.modules()) is not fold
+        out[fold], _ = predictor.predict_probabilities(image)
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-4)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -28,6 +28,7 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureTyped,
     FgBgToIndicesd,
+    InvertibleTransform,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
@@ -187,6 +188,78 @@ class _AboveHU:
         return x > self.threshold
 
 
+class ResampleToSpacingd(MapTransform, InvertibleTransform):
+    """MONAI's `Spacingd` (same output grid, affine, interpolation, border padding, recorded operation, inverse),
+    with the bilinear resampling computed separably when the voxel mapping is axis-aligned, as it always is after
+    `Orientationd`: trilinear weights are products of one weight per axis, so three 1-D interpolations give
+    grid_sample's result without its dense sampling grid: 0.71 -> 0.31 s for 458 x 320 x 200 -> 367 x 256 x 167 on
+    2 cores, 0.56 -> 0.10 s for the real CT. Any other mapping, and nearest (labels), go through MONAI. MONAI
+    computes the output grid (the same `Spacingd`, lazily); only the resampling is ours."""
+
+    def __init__(self, keys, pixdim, mode) -> None:
+        super().__init__(keys)
+        self.modes = dict(zip(self.keys, mode if isinstance(mode, (tuple, list)) else [mode] * len(self.keys)))
+        self.spacing = {
+            k: Spacingd(k, pixdim=pixdim, mode=m, padding_mode="border", dtype=np.float32)
+            for k, m in self.modes.items()
+        }
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            pending = self.spacing[key]({key: img}, lazy=True)[key]
+            ops = pending.pending_operations
+            voxel_map = ops[-1]["lazy_affine"] if len(ops) == 1 else None
+            # Nearest (labels) stays MONAI's: where a source coordinate falls halfway between two voxels, the label
+            # taken depends on float32 rounding inside grid_sample, and the training labels should not change.
+            if voxel_map is None or not _axis_aligned(voxel_map) or self.modes[key] != "bilinear":
+                d[key] = self.spacing[key]({key: img})[key]
+                continue
+            out = separable_resample(
+                img.as_tensor().float(), np.asarray(voxel_map, dtype=np.float64), pending.peek_pending_shape()
+            )
+            # What MONAI's apply_pending does after its resampling: the new affine, the operation recorded as applied
+            # (so MONAI's inverse, e.g. Invertd, still undoes this chain).
+            affine, ops = pending.peek_pending_affine(), pending.pending_operations.copy()
+            pending.clear_pending_operations()
+            result = MetaTensor(out, meta=dict(pending.meta), applied_operations=list(pending.applied_operations))
+            result.affine = affine
+            for op in ops:
+                result.push_applied_operation(op)
+            d[key] = result
+        return d
+
+    def inverse(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d = self.spacing[key].inverse(d)
+        return d
+
+
+def _axis_aligned(voxel_map) -> bool:
+    m = np.asarray(voxel_map, dtype=np.float64)[:3, :3]
+    return bool(np.all(np.abs(m - np.diag(np.diag(m))) < 1e-9) and np.all(np.abs(np.diag(m)) > 0))
+
+
+def separable_resample(x: torch.Tensor, voxel_map: np.ndarray, shape) -> torch.Tensor:
+    """Trilinear resampling of channel-first `x` (C, *S) onto `shape`, where output voxel i samples input voxel
+    voxel_map[a, a] * i + voxel_map[a, 3] along each axis a (voxel centres; an axis-aligned map), with border
+    padding: coordinates are clamped into the volume, as grid_sample's padding_mode="border" does."""
+    for axis in np.argsort([shape[a] / x.shape[a + 1] for a in range(3)]):  # shrink first: less work after
+        n = x.shape[axis + 1]
+        c = torch.arange(shape[axis], dtype=torch.float64) * float(voxel_map[axis, axis]) + float(voxel_map[axis, 3])
+        c = c.clamp_(0, n - 1)
+        lo = c.floor().long()
+        hi = (lo + 1).clamp_(max=n - 1)
+        view = [1] * x.ndim
+        view[axis + 1] = -1
+        w = (c - lo).float().view(view)
+        at = (slice(None),) * (axis + 1)  # indexing, faster than index_select off the first dimension
+        x = torch.lerp(x[(*at, lo)], x[(*at, hi)], w)  # a + w (b - a)
+    return x.contiguous()
+
+
 def preprocess_transforms(pre: Preprocessing, keys: tuple[str, ...] = (IMAGE, LABEL)) -> list:
     """The deterministic, invertible chain every image goes through, in training, validation and inference."""
     modes = tuple("nearest" if k == LABEL else "bilinear" for k in keys)
@@ -203,7 +276,7 @@ def preprocess_transforms(pre: Preprocessing, keys: tuple[str, ...] = (IMAGE, LA
                 end_coord_key=None,
             )
         )
-    chain.append(Spacingd(keys, pixdim=pre.target_spacing, mode=modes, dtype=np.float32))
+    chain.append(ResampleToSpacingd(keys, pixdim=pre.target_spacing, mode=modes))
     lo, hi = pre.clip
     if pre.intensity_mode == "window":
         chain.append(ScaleIntensityRanged(IMAGE, a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True))

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from torch import nn
 
 from pipeline.config import InferenceConfig, load_config
@@ -190,3 +191,58 @@ def test_prediction_lands_in_the_inputs_own_grid(phantom, code):
     # The same check with the prediction flipped fails: the test can tell a mirrored result.
     flipped = pred.labels[:, ::-1].astype(bool)  # anterior-posterior: the spine is not symmetric there
     assert 2 * (flipped & truth).sum() / (flipped.sum() + truth.sum()) < dice - 0.2
+
+
+@pytest.mark.parametrize(
+    "spacing, target, flip",
+    [
+        ((0.8, 0.8, 2.5), (1.0, 1.0, 3.0), False),  # downsampling, the CT case
+        ((1.7, 0.6, 4.0), (1.0, 1.0, 1.5), False),  # up on two axes, down on one
+        ((0.9, 1.1, 2.0), (1.0, 1.0, 3.0), True),  # a flipped axis (not reoriented first)
+    ],
+)
+def test_separable_resampling_equals_monais_spacing(spacing, target, flip, monkeypatch):
+    """ResampleToSpacingd computes MONAI Spacingd's grid, affine and values (trilinear, border padding) by three 1-D
+    interpolations; labels (nearest) are MONAI's own, voxel for voxel."""
+    from monai.transforms import Spacingd
+
+    import pipeline.transforms as transforms
+    from pipeline.transforms import ResampleToSpacingd
+
+    calls = []
+    real = transforms.separable_resample
+    monkeypatch.setattr(transforms, "separable_resample", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(0)
+    shape = (37, 29, 23)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    if flip:
+        affine[0, 0] *= -1
+    smooth = torch.from_numpy(rng.normal(size=(2, *shape)).astype(np.float32)).cumsum(1).cumsum(3)
+    image = MetaTensor(smooth, affine=torch.as_tensor(affine))
+    label = MetaTensor(torch.from_numpy(rng.integers(0, 3, size=(1, *shape)).astype(np.float32)), affine=affine)
+    data = {IMAGE: image, LABEL: label}
+    ours = ResampleToSpacingd((IMAGE, LABEL), pixdim=target, mode=("bilinear", "nearest"))(dict(data))
+    ref = Spacingd((IMAGE, LABEL), pixdim=target, mode=("bilinear", "nearest"), dtype=np.float32)(dict(data))
+    assert calls == [1]  # the image went the separable way (the label MONAI's)
+    for key in (IMAGE, LABEL):
+        assert ours[key].shape == ref[key].shape
+        torch.testing.assert_close(ours[key].affine, ref[key].affine)
+    scale = ref[IMAGE].abs().max().item()
+    torch.testing.assert_close(ours[IMAGE].as_tensor(), ref[IMAGE].as_tensor(), atol=1e-5 * scale, rtol=1e-5)
+    assert torch.equal(ours[LABEL].as_tensor(), ref[LABEL].as_tensor())
+
+
+def test_an_oblique_grid_is_resampled_by_monai():
+    """A mapping that is not axis-aligned is not separable: MONAI's Spacingd does it, with the same result."""
+    from monai.transforms import Spacingd
+
+    from pipeline.transforms import ResampleToSpacingd
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]) @ np.diag([0.8, 0.8, 1.0, 1.0])
+    image = MetaTensor(torch.randn(1, 20, 18, 9), affine=torch.as_tensor(affine))
+    ours = ResampleToSpacingd(IMAGE, pixdim=(1.0, 1.0, 3.0), mode="bilinear")({IMAGE: image})[IMAGE]
+    ref = Spacingd(IMAGE, pixdim=(1.0, 1.0, 3.0), mode="bilinear", dtype=np.float32)({IMAGE: image})[IMAGE]
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.as_tensor(), ref.as_tensor())

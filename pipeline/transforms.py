@@ -248,6 +248,8 @@ def separable_resample(x: torch.Tensor, voxel_map: np.ndarray, shape) -> torch.T
     padding: coordinates are clamped into the volume, as grid_sample's padding_mode="border" does."""
     for axis in np.argsort([shape[a] / x.shape[a + 1] for a in range(3)]):  # shrink first: less work after
         n = x.shape[axis + 1]
+        if n == shape[axis] and voxel_map[axis, axis] == 1 and voxel_map[axis, 3] == 0:
+            continue  # this axis keeps its grid
         c = torch.arange(shape[axis], dtype=torch.float64) * float(voxel_map[axis, axis]) + float(voxel_map[axis, 3])
         c = c.clamp_(0, n - 1)
         lo = c.floor().long()

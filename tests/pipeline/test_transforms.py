@@ -199,6 +199,7 @@ def test_prediction_lands_in_the_inputs_own_grid(phantom, code):
         ((0.8, 0.8, 2.5), (1.0, 1.0, 3.0), False),  # downsampling, the CT case
         ((1.7, 0.6, 4.0), (1.0, 1.0, 1.5), False),  # up on two axes, down on one
         ((0.9, 1.1, 2.0), (1.0, 1.0, 3.0), True),  # a flipped axis (not reoriented first)
+        ((1.0, 0.7, 3.0), (1.0, 1.0, 3.0), False),  # two axes already at the target spacing
     ],
 )
 def test_separable_resampling_equals_monais_spacing(spacing, target, flip, monkeypatch):

@@ -79,6 +79,29 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+def c_ordered(array: np.ndarray, slab: int = 4):
+    """A C-contiguous torch tensor of a 3D array. NIfTI data come Fortran-ordered, and reversing all three axes in one
+    copy strides through memory by whole slices for every voxel; copying a few slices of the last axis at a time
+    keeps the writes in cache: 0.38 -> 0.15-0.2 s for 512 x 512 x 200 float32 on 2 cores (numpy's copy: 0.76 s)."""
+    import torch  # here: the rest of this module (check-data) does without it
+
+    src = torch.from_numpy(array)
+    if src.is_contiguous() or src.ndim != 3:
+        return src.contiguous()
+    out = torch.empty(src.shape, dtype=src.dtype)
+    for start in range(0, src.shape[2], slab):
+        out[:, :, start : start + slab] = src[:, :, start : start + slab]
+    return out
+
+
+def fortran_ordered(array: np.ndarray) -> np.ndarray:
+    """The same 3D array in Fortran order, NIfTI's on-disk order, so that nibabel writes it without reordering
+    every voxel on the fly (writing a 512 x 512 x 200 label map: 0.48 -> 0.09 s, plus this copy)."""
+    if array.flags.f_contiguous or array.ndim != 3:
+        return array
+    return c_ordered(array.T).numpy().T
+
+
 def read_volume(path: Path | str, case: str | None = None, kind: str = "image") -> Volume:
     """Read a NIfTI file or a DICOM series folder. `kind` is "image" (float32 HU) or "label" (file dtype kept,
     so that a non-integer label value is still visible to the integrity check)."""

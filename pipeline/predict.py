@@ -30,6 +30,7 @@ from attention3d.fusion import fold_batch_norms
 from pipeline.bundle import atomic_write
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.errors import Seg3dError
+from pipeline.imageio import fortran_ordered
 from pipeline.transforms import IMAGE, Preprocessing, as_record, inference_transforms
 
 FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]  # the 8 mirrorings of (B, C, X, Y, Z)
@@ -388,6 +389,7 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
 def _save_nifti(array: np.ndarray, source: Path, affine: np.ndarray, out: Path, dtype) -> Path:
     """Save with the source NIfTI's own header (qform and sform with their codes, units), so the output has
     exactly its geometry; for a DICOM series, a header made from the series' affine."""
+    array = fortran_ordered(array)
     if source.is_file():
         header = nib.load(source).header.copy()
         img = nib.Nifti1Image(array, None, header=header)

@@ -47,7 +47,7 @@ from monai.transforms import (
 from pipeline.config import Config
 from pipeline.data import remap_labels
 from pipeline.errors import Seg3dError
-from pipeline.imageio import read_volume
+from pipeline.imageio import c_ordered, read_volume
 
 IMAGE, LABEL = "image", "label"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes as nibabel reads them (MONAI's current default)
@@ -173,8 +173,7 @@ class LoadCTd(MapTransform):
                 "original_shape": tuple(array.shape),
                 "case": case or "",
             }
-            # NIfTI data come Fortran-ordered: torch makes them contiguous with all cores, numpy with one.
-            d[key] = MetaTensor(torch.from_numpy(array).contiguous()[None], affine=vol.affine, meta=meta)
+            d[key] = MetaTensor(c_ordered(array)[None], affine=vol.affine, meta=meta)
         return d
 
 

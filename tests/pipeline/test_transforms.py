@@ -247,3 +247,18 @@ def test_an_oblique_grid_is_resampled_by_monai():
     ref = Spacingd(IMAGE, pixdim=(1.0, 1.0, 3.0), mode="bilinear", dtype=np.float32)({IMAGE: image})[IMAGE]
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.as_tensor(), ref.as_tensor())
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (16, 9, 11), (4, 4, 1)])
+def test_memory_order_conversions_copy_exactly(shape):
+    from pipeline.imageio import c_ordered, fortran_ordered
+
+    array = np.asfortranarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+    out = c_ordered(array)
+    assert out.is_contiguous() and tuple(out.shape) == shape
+    np.testing.assert_array_equal(out.numpy(), array)
+    c_array = np.ascontiguousarray(array)
+    np.testing.assert_array_equal(c_ordered(c_array).numpy(), array)
+    back = fortran_ordered(c_array)
+    assert back.flags.f_contiguous
+    np.testing.assert_array_equal(back, array)

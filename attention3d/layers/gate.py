@@ -63,5 +63,14 @@ class AttentionGate(nn.Module):
         f = torch.relu(theta_x + phi_g)
         alpha = torch.sigmoid(self.psi(f))  # (B, 1, *S_theta)
         alpha = resize(alpha, x.shape[2:])  # (B, 1, *S_x)
-        y = self.W(alpha * x)  # (B, C, *S_x)
+        y = self.W(_scale(x, alpha))  # (B, C, *S_x)
         return y, alpha
+
+
+def _scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """alpha * x, alpha broadcast over the channels. Where the channels are the innermost dimension (channels-last
+    inference on CPU), a broadcast along it is slow: multiplying by the expansion, laid out like x, is about 3x faster
+    (1.6 vs 5.4 ms for 4 x 8 x 64 x 64 x 32 in bf16 on 2 cores)."""
+    if x.stride(1) == 1 and x.shape[1] > 1:
+        return torch.empty_like(x).copy_(alpha.expand_as(x)).mul_(x)
+    return alpha * x

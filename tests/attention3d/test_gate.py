@@ -76,3 +76,18 @@ def test_gate_rejects_bad_arguments(kwargs):
     args = {"spatial_dims": 3, "in_channels": 4, "gating_channels": 4, **kwargs}
     with pytest.raises(ValueError):
         AttentionGate(**args)
+
+
+def test_gate_scaling_in_channels_last_equals_the_broadcast():
+    """Channels-last inference multiplies by the expanded gate (faster than a broadcast along the innermost
+    dimension): the same values, in x's layout, and gradients still reach both factors."""
+    from attention3d.layers.gate import _scale
+
+    x = torch.randn(2, 8, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    alpha = torch.rand(2, 1, 6, 5, 4, requires_grad=True)
+    y = _scale(x, alpha)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, alpha * x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, alpha.detach().expand_as(x))
+    torch.testing.assert_close(alpha.grad, x.detach().sum(1, keepdim=True))

@@ -16,14 +16,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
-from attention3d import create_model
-from pipeline.bundle import METADATA, save_bundle
+from pipeline.bundle import METADATA
 from pipeline.cli import main
-from pipeline.config import load_config
 from tests.conftest import REAL_CT
-from tests.pipeline.test_infer import PRE, TINY
 
 SHAPE = (40, 36, 12)
 AFFINE = np.array([[0.8, 0, 0, -10.0], [0, 0.8, 0, -8.0], [0, 0, 2.5, -15.0], [0, 0, 0, 1]])
@@ -203,15 +199,6 @@ def _run(argv: list[str], capfd) -> tuple[int, list[str], list[str]]:
 
 def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    """The (untrained) bundle of test_infer.py: refusing a file does not depend on what the weights learned."""
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.name=attention_unet", *TINY])
-    model = create_model("attention_unet", channels=(4, 8, 16), strides=(2, 2), out_channels=3)
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "bundle", model, cfg, PRE)
 
 
 @pytest.fixture(scope="module")

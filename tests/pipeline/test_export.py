@@ -20,23 +20,11 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import Seg3dError
 from pipeline.export import FORMATS, export_network, parse_patch, sidecar_path
-from pipeline.transforms import Preprocessing
+from tests.pipeline.conftest import PRE
 
 # Not a multiple of the total stride (4) along z: the padding and cropping inside the U-Net are exported too.
 PATCH = (24, 20, 10)
 TINY = {"channels": (4, 8, 16), "strides": (2, 2), "out_channels": 3}
-PRE = Preprocessing(
-    target_spacing=(2.0, 2.0, 4.0),
-    intensity_mode="foreground",
-    clip=(-50.0, 250.0),
-    mean=100.0,
-    std=40.0,
-    foreground_crop=True,
-    body_threshold_hu=-500.0,
-    label_names=["background", "pancreas", "cancer"],
-    label_values=[0, 1, 2],
-    exhaustive=True,
-)
 EXT = {"onnx": "onnx", "torchscript": "pt"}
 
 

@@ -23,8 +23,8 @@ from attention3d import create_model
 from pipeline.bundle import load_bundle, load_checkpoint, save_bundle
 from pipeline.config import load_config
 from pipeline.synthetic import CaseSpec, make_phantom, synthesize, to_nifti
-from pipeline.transforms import Preprocessing
 from tests.mlflow_server import MlflowServer
+from tests.pipeline.conftest import PRE
 
 SEG3D = str(Path(sys.executable).with_name("seg3d"))
 EPOCHS = 3
@@ -189,18 +189,6 @@ def test_a_second_training_on_a_busy_folder_is_refused_and_changes_nothing(phant
 # -- batch inference ------------------------------------------------------------------------------------------------
 
 SPEC = CaseSpec(shape=(64, 64, 20), spacing=(0.9, 0.9, 2.5), orientation="RAS", tumour=True, decoys=1)
-PRE = Preprocessing(
-    target_spacing=(2.0, 2.0, 4.0),
-    intensity_mode="foreground",
-    clip=(-50.0, 250.0),
-    mean=100.0,
-    std=40.0,
-    foreground_crop=True,
-    body_threshold_hu=-500.0,
-    label_names=["background", "pancreas", "cancer"],
-    label_values=[0, 1, 2],
-    exhaustive=True,
-)
 
 
 @pytest.fixture(scope="module")

@@ -11,46 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from attention3d import create_model
-from pipeline.bundle import load_bundle, save_bundle
+from pipeline.bundle import load_bundle
 from pipeline.cli import main
-from pipeline.config import load_config
 from pipeline.errors import Seg3dError
 from pipeline.imageio import read_volume
 from pipeline.infer import collect_inputs, parse_shard, run_inference
 from pipeline.predict import FLIPS, Predictor
 from pipeline.synthetic import CaseSpec, make_phantom, to_nifti
-from pipeline.transforms import Preprocessing
 
 SPEC = CaseSpec(shape=(80, 80, 24), spacing=(0.9, 0.9, 2.5), orientation="RAS", tumour=True, decoys=2)
-PRE = Preprocessing(
-    target_spacing=(2.0, 2.0, 4.0),
-    intensity_mode="foreground",
-    clip=(-50.0, 250.0),
-    mean=100.0,
-    std=40.0,
-    foreground_crop=True,
-    body_threshold_hu=-500.0,
-    label_names=["background", "pancreas", "cancer"],
-    label_values=[0, 1, 2],
-    exhaustive=True,
-)
-TINY = ["model.channels=[4, 8, 16]", "model.strides=[2, 2]", "data.patch_size=[32, 32, 16]"]
 
 
 def _sha(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256(b"".join(_sha(p).encode() for p in sorted(path.iterdir()))).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    """An (untrained) attention_unet bundle: geometry and plumbing do not depend on what the weights learned."""
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.name=attention_unet", *TINY])
-    model = create_model("attention_unet", channels=(4, 8, 16), strides=(2, 2), out_channels=3)
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "bundle", model, cfg, PRE)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
-from attention3d import create_model
-from pipeline.bundle import save_bundle
 from pipeline.cli import main
-from pipeline.config import load_config
 from tests.conftest import ROOT
-from tests.pipeline.test_infer import PRE, TINY
+from tests.pipeline.conftest import TINY
 
 NAME, PATIENT_ID = "DOE^JANE^SECRET", "PID-987654321"
 # The name and id and the parts of them a log could carry, long enough not to turn up by chance in binary data;
@@ -70,14 +66,6 @@ def _scan(root: Path, skip: set[Path]) -> dict[str, list[str]]:
         if hits or any(v in path.name for v in VARIANTS):
             found[str(path.relative_to(root))] = hits or ["(in the file name)"]
     return found
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config(None, ["model.name=attention_unet", *TINY])
-    model = create_model("attention_unet", channels=(4, 8, 16), strides=(2, 2), out_channels=3)
-    return save_bundle(tmp_path_factory.mktemp("bundle") / "bundle", model, cfg, PRE)
 
 
 @pytest.mark.slow

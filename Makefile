@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.models
 	$(PY) -m benchmarks.loader
 	$(PY) -m benchmarks.inference
+	$(PY) -m benchmarks.memory
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.loader
 	$(PY) -m benchmarks.inference
 	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.startup --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

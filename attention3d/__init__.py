@@ -15,10 +15,11 @@ from attention3d.layers import (
     SqueezeExcitation,
     se_loss,
 )
-from attention3d.models import UNet, UNetConfig, create_model, list_models, register_model
+from attention3d.models import AuxOutput, UNet, UNetConfig, create_model, list_models, register_model, unet_config
 
 __all__ = [
     "AttentionGate",
+    "AuxOutput",
     "ChannelAttention",
     "ContextEncoding",
     "DualAttentionHead",
@@ -36,4 +37,5 @@ __all__ = [
     "list_models",
     "register_model",
     "se_loss",
+    "unet_config",
 ]

@@ -2,9 +2,8 @@
 
 In eval mode a batch norm is a fixed per-channel affine map, so `norm(conv(x))` is one convolution with scaled
 weights and a shifted bias (torch.nn.utils.fusion.fuse_conv_bn_eval). Folding removes a full pass over every
-feature map. Measured on a 2-core CPU in bf16, the demo Attention U-Net with folded batch norms takes 22-24 ms per
-64 x 64 x 32 window, against 27-28 ms for the same network with instance norms.
-Instance and group norms depend on the input and stay as they are.
+feature map (what it saves: docs/benchmarks.md, "design measurements"). Instance and group norms depend on the
+input and stay as they are.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -17,32 +16,21 @@ from pathlib import Path
 
 import torch
 
+from pipeline.devices import CPU_FEATURES, cpu_has_native_bf16, cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks.md"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    return set(match.group(1).split()) if match else set()
-
-
 def has_native_bf16() -> bool:
     """bf16 convolutions run natively on GPUs and on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated."""
-    return torch.cuda.is_available() or bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return torch.cuda.is_available() or cpu_has_native_bf16()
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
-    return f"{match.group(1).strip() if match else 'unknown CPU'} ({', '.join(feats) or 'no AVX2'})"
+    model, flags = cpu_info()
+    feats = [f for f in CPU_FEATURES if f in flags]
+    return f"{model} ({', '.join(feats) or 'no AVX2'})"
 
 
 def hardware() -> str:

@@ -41,13 +41,16 @@ from attention3d import create_model
 from benchmarks._report import ROOT, table, write_section
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.config import load_config
-from pipeline.data import check_dataset, load_dataset
-from pipeline.evaluate import dice_per_class, mean_foreground_dice
+from pipeline.datalists import kfold_split, load_dataset
+from pipeline.devices import autocast, resolve_precision
 from pipeline.imageio import read_volume
 from pipeline.infer import run_inference
-from pipeline.predict import autocast, resolve_precision
+from pipeline.integrity import check_dataset
+from pipeline.losses import SegLoss
+from pipeline.metrics import dice_per_class, mean_foreground_dice
+from pipeline.optimizer import build_optimizer
 from pipeline.synthetic import CaseSpec, make_phantom, save_atomic, synthesize, to_nifti
-from pipeline.train import SegLoss, _epoch_loader, _make_train_dataset, build_optimizer, kfold_split
+from pipeline.train_data import epoch_loader, make_train_dataset
 from pipeline.transforms import IMAGE, LABEL, as_record, compute_preprocessing
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "ct.nii.gz"
@@ -80,10 +83,10 @@ def train(model: nn.Module, cfg, dataset, device: torch.device, dtype: torch.dty
     model.to(device).train()
     total = cfg.train.epochs * cfg.train.iterations_per_epoch
     opt, sched = build_optimizer(cfg, model, total)
-    loss_fn = SegLoss(cfg, ["logits"], 3)
+    loss_fn = SegLoss(cfg, [], 3)
     start, losses = time.perf_counter(), []
     for epoch in range(cfg.train.epochs):
-        for batch in _epoch_loader(cfg, dataset, epoch, workers=0):  # patches depend on (seed, epoch) only
+        for batch in epoch_loader(cfg, dataset, epoch=epoch, workers=0):  # patches depend on (seed, epoch) only
             image, label = batch[IMAGE].to(device), batch[LABEL].to(device).long()
             opt.zero_grad(set_to_none=True)
             with autocast(device, dtype):
@@ -271,7 +274,7 @@ def main() -> None:
         print(f"training both networks ({iterations} iterations each) ...", flush=True)
         cases = {c.case: c for c in dataset.cases}
         records = [as_record(c, cases[c].image, cases[c].label) for c in split["train"]]
-        train_ds = _make_train_dataset(cfg, pre, records, work)
+        train_ds = make_train_dataset(cfg, pre, records=records, run_dir=work)
         torch.manual_seed(cfg.train.seed)
         ours = create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides())
         save_bundle(bundle, train(ours, cfg, train_ds, device, dtype).cpu(), cfg, pre, {})

@@ -17,11 +17,14 @@ import torch
 
 from benchmarks._report import ROOT, table, write_section
 from pipeline.config import load_config
-from pipeline.data import check_dataset, load_dataset
-from pipeline.predict import autocast, resolve_precision
+from pipeline.datalists import load_dataset
+from pipeline.devices import autocast, resolve_precision
+from pipeline.integrity import check_dataset
+from pipeline.losses import SegLoss
+from pipeline.optimizer import build_optimizer
 from pipeline.summary import build
 from pipeline.synthetic import synthesize
-from pipeline.train import SegLoss, _epoch_loader, _make_train_dataset, build_optimizer
+from pipeline.train_data import epoch_loader, make_train_dataset
 from pipeline.transforms import IMAGE, LABEL, as_record, compute_preprocessing
 
 DATA = ROOT / ".bench" / "loader_data"
@@ -48,7 +51,7 @@ def _measure(name: str, iterations: int, workers: int, warmup: int = 5) -> dict:
     report = check_dataset(dataset, include_test=False)
     pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, report.infos)
     records = [as_record(c.case, c.image, c.label) for c in dataset.cases]
-    train_ds = _make_train_dataset(cfg, pre, records, ROOT / ".bench")
+    train_ds = make_train_dataset(cfg, pre, records=records, run_dir=ROOT / ".bench")
     device = torch.device("cpu")
     dtype = resolve_precision(cfg.train.precision, device)
 
@@ -56,7 +59,7 @@ def _measure(name: str, iterations: int, workers: int, warmup: int = 5) -> dict:
         torch.manual_seed(0)
         model = build(cfg.model.name, spatial_dims=3, in_channels=1, out_channels=3, **cfg.model.overrides())
         opt, _ = build_optimizer(cfg, model, 10_000)
-        return model.train(), opt, SegLoss(cfg, model.output_names, 3)
+        return model.train(), opt, SegLoss(cfg, model.aux_outputs, 3)
 
     def step(model, opt, loss_fn, batch):
         opt.zero_grad(set_to_none=True)
@@ -68,7 +71,7 @@ def _measure(name: str, iterations: int, workers: int, warmup: int = 5) -> dict:
 
     def real_loader() -> float:
         model, opt, loss_fn = fresh()
-        it = iter(_epoch_loader(cfg, train_ds, 0, workers))
+        it = iter(epoch_loader(cfg, train_ds, epoch=0, workers=workers))
         for _ in range(warmup):
             step(model, opt, loss_fn, next(it))
         start = time.perf_counter()
@@ -76,7 +79,7 @@ def _measure(name: str, iterations: int, workers: int, warmup: int = 5) -> dict:
             step(model, opt, loss_fn, batch)
         return iterations / (time.perf_counter() - start)
 
-    batches = list(_epoch_loader(cfg, train_ds, 0, workers))
+    batches = list(epoch_loader(cfg, train_ds, epoch=0, workers=workers))
 
     def preloaded() -> float:
         model, opt, loss_fn = fresh()

@@ -19,9 +19,7 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,70 +36,11 @@ from attention3d import UNet, UNetConfig
 from pipeline import faults
 from pipeline.config import Config, config_from_dict
 from pipeline.errors import Seg3dError
+from pipeline.fileio import atomic_write, fsync_dir, make_temporary_dir
 from pipeline.transforms import Preprocessing
 
 BUNDLE_FORMAT = 1
 WEIGHTS, CONFIG, PREPROCESSING, METADATA = "model.safetensors", "config.yaml", "preprocessing.json", "metadata.json"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
-    """Call `write(tmp_path)`, fsync the result, then rename it onto `path` (same folder, so the rename is atomic).
-    `suffix` ends the temporary name, for writers that choose the format by extension (".nii.gz")."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if tmp.is_file():  # mkstemp makes the file owner-only; give it the mode a plain open() would (umask)
-            os.chmod(tmp, 0o666 & ~_umask())
-        faults.point(f"write.{path.name}")  # a crash here leaves the old file whole and a stray temporary
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for a moment, for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-# What atomic_write (.NAME.XXXXXXXX[suffix]) and save_bundle (.NAME.XXXXXXXX/, .NAME.old-PID/) leave behind when the
-# process is killed in the middle of a write.
-_TEMPORARY = re.compile(r"\.[^/]+\.(?:[a-z0-9_]{8}(?:\..+)?|old-\d+)")
-
-
-def remove_temporaries(folder: Path) -> list[str]:
-    """Delete the temporaries a killed write left in `folder` (not recursive); returns their names. Only for a
-    folder this process owns, such as a run folder under its lock: another live writer's temporary would go too."""
-    removed = []
-    for path in Path(folder).glob(".*"):
-        if _TEMPORARY.fullmatch(path.name):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # -- RNG state as tensors and plain lists, so that weights_only loading can restore it -------------------------
@@ -212,8 +151,7 @@ def save_bundle(
     """Write the bundle into a temporary sibling folder, then move it into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+    tmp = make_temporary_dir(folder)
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt", "model": cfg.model.name})
@@ -237,7 +175,7 @@ def save_bundle(
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.labels:
-        from pipeline.data import parse_labels
+        from pipeline.datalists import parse_labels
 
         selected = {k: v for k, v in parse_labels(args.labels).items() if k != "background"}
         overrides.append("data.labels={" + ", ".join(f"{k}: {v}" for k, v in selected.items()) + "}")
@@ -105,7 +105,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.data import parse_labels
+    from pipeline.datalists import parse_labels
     from pipeline.evaluate import CSV_NAME, JSON_NAME, evaluate
 
     report = evaluate(
@@ -156,7 +156,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
-    from pipeline.data import check_dataset, load_dataset, parse_labels
+    from pipeline.datalists import load_dataset, parse_labels
+    from pipeline.integrity import check_dataset
 
     labels = parse_labels(args.labels) if args.labels else None
     dataset = load_dataset(args.dataset, labels=labels)
@@ -337,8 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run MONAI code but no MLflow run: MONAI is imported without its integrations' libraries (MLflow,
+# matplotlib, pandas, scikit-learn), which they would otherwise pay for at start-up (pipeline.startup).
+LEAN_MONAI = frozenset({"infer", "evaluate", "export", "models", "model-info"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # machines are offline; mlflow reads it on import
     args = build_parser().parse_args(argv)
+    if args.command in LEAN_MONAI:
+        from pipeline.startup import import_monai_lean
+
+        import_monai_lean()
     try:
         return args.func(args)
     except Seg3dError as err:

@@ -8,12 +8,14 @@ rebuilds exactly what was trained.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from attention3d import UNetConfig, list_models, unet_config
 from pipeline.errors import Seg3dError
 
 Triple = tuple[float, float, float]
@@ -24,38 +26,52 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
-    """A registered variant (`seg3d models`) and the U-Net options it may override (attention3d.UNetConfig).
+# The pipeline segments volumes (spatial_dims 3); in_channels and out_channels follow from the data (one CT channel,
+# one output per class of the dataset's labels). Every other UNetConfig option is a key of the model section.
+_FROM_DATA = ("spatial_dims", "in_channels", "out_channels")
 
-    in_channels and out_channels are not set here: they follow from the data (one CT channel, one output per
-    class of the dataset's labels)."""
 
-    name: str = "attention_unet"
-    channels: list[int] | None = None
-    strides: list[int | list[int]] | None = None
-    kernel_size: int | None = None
-    norm: str | None = None
-    dropout: float | None = None
-    skip: str | None = None
-    context: str | None = None
-    context_levels: int | None = None
-    context_kwargs: dict[str, Any] | None = None
-    recalibration: str | None = None
-    deep_supervision: int | None = None
+class _ModelSection(_Section):
+    """The behaviour of the model section; its fields are made from UNetConfig's below, so the two cannot drift."""
 
-    @field_validator("name")
+    @field_validator("name", check_fields=False)
     @classmethod
     def _registered(cls, v: str) -> str:
-        from attention3d import list_models
-
         if v not in list_models():
             raise ValueError(f"unknown model {v!r}; valid models: {', '.join(list_models())}")
         return v
 
+    @model_validator(mode="after")
+    def _valid_network(self) -> _ModelSection:
+        # UNetConfig checks every value, over the variant's own options, so a bad one fails at load, not at build.
+        try:
+            unet_config(self.name, spatial_dims=3, **self.overrides())
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+        return self
+
     def overrides(self) -> dict[str, Any]:
         """The options the config sets; null (or absent) keeps the variant's own default, so a resolved config
         written with every key still rebuilds the same network."""
-        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k != "name" and v is not None}
+
+
+def _unet_options() -> dict[str, Any]:
+    """One optional key per settable UNetConfig field, of that field's type; null keeps the variant's default."""
+    types = get_type_hints(UNetConfig)
+    return {f.name: (types[f.name] | None, None) for f in fields(UNetConfig) if f.name not in _FROM_DATA}
+
+
+ModelConfig = create_model(
+    "ModelConfig",
+    __base__=_ModelSection,
+    __module__=__name__,
+    __doc__="A registered variant (`seg3d models`) and the U-Net options it may override: every field of "
+    "attention3d.UNetConfig but spatial_dims, in_channels and out_channels (norm and act with arguments, e.g. "
+    "[group, {num_groups: 4}]).",
+    name=(str, "attention_unet"),
+    **_unet_options(),
+)
 
 
 class IntensityConfig(_Section):
@@ -163,8 +179,40 @@ class InferenceConfig(_Section):
 
 
 class PostprocessConfig(_Section):
-    largest_component: bool = True  # keep the largest connected component of each foreground class
-    tumour_inside_pancreas: bool = True
+    """Applied to the labels in the input's grid (pipeline/postprocess.py); `seg3d infer --no-postprocess` skips it."""
+
+    # Keep only the largest connected component of all foreground classes taken together (an organ and the tumour
+    # inside it are one structure); every other foreground voxel, whatever its class, becomes background.
+    largest_component: bool = True
+    # Class -> the class it must lie inside or touch, by the model's class names (checked when a Predictor is
+    # built): a component of the first that neither overlaps nor touches the second is removed. {} = no such rule;
+    # null = the pancreas default, {cancer: pancreas} (also tumour/tumor, any case) where the model has both classes.
+    inside: dict[str, str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_key(cls, data: Any) -> Any:
+        """Bundles written before `inside` store `tumour_inside_pancreas`: true meant what `inside: null` means
+        now, false meant no rule. Translated, so that they load and post-process as before."""
+        if not isinstance(data, dict) or "tumour_inside_pancreas" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("tumour_inside_pancreas")
+        if "inside" in data:
+            raise ValueError("give either inside or tumour_inside_pancreas (its older form), not both")
+        if old not in (True, False):
+            raise ValueError(f"tumour_inside_pancreas must be true or false, got {old!r}")
+        if not old:
+            data["inside"] = {}
+        return data
+
+    @field_validator("inside")
+    @classmethod
+    def _not_itself(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        same = [k for k, organ in (v or {}).items() if k == organ]
+        if same:
+            raise ValueError(f"a class cannot be required to lie inside itself: {', '.join(same)}")
+        return v
 
 
 class Config(_Section):

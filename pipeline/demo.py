@@ -17,10 +17,10 @@ import numpy as np
 
 from pipeline.bundle import load_bundle
 from pipeline.config import load_config
-from pipeline.data import load_dataset
+from pipeline.datalists import load_dataset
 from pipeline.errors import Seg3dError
-from pipeline.evaluate import dice_per_class, mean_foreground_dice
 from pipeline.imageio import read_volume
+from pipeline.metrics import dice_per_class, mean_foreground_dice
 from pipeline.plots import overlay_png
 from pipeline.predict import Predictor
 from pipeline.synthetic import synthesize

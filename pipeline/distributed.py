@@ -149,9 +149,11 @@ class Dist:
         tdist.all_reduce(total)
         return total / self.world
 
-    def on_main(self, fn: Callable[[], T]) -> T:
+    def on_main(self, fn: Callable[[], T], share: Callable[[T], Any] | None = None) -> T:
         """Run `fn` on rank 0 and hand its result to every rank; if it fails, every rank fails with its message.
 
+        `share` picks what the other ranks get of the result (all of it by default), for a result that holds
+        objects which must stay on rank 0 (an MLflow tracker, say); rank 0 itself gets the whole result.
         Rank 0 re-raises its own exception; the others raise Seg3dError with the same text for a user error (so each
         prints the one line the CLI prints on rank 0) and RuntimeError for anything else, instead of waiting for a
         result that will never come.
@@ -166,7 +168,7 @@ class Dist:
                 kind = "user" if isinstance(e, Seg3dError) else "error"
                 self.broadcast((kind, str(e) if kind == "user" else f"{type(e).__name__}: {e}"))
                 raise
-            self.broadcast(("ok", value))
+            self.broadcast(("ok", value if share is None else share(value)))
             return value
         outcome = self.broadcast(None)
         return _unwrap(outcome)

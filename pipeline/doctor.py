@@ -37,7 +37,6 @@ NEEDED = (
     ("numpy", "numpy"),
 )
 EXPORT = ("onnx", "onnxruntime", "onnxscript")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 LOW_GPU_MEMORY = 2 * 1024**3
 
 
@@ -163,38 +162,24 @@ def _check_cuda(report: DoctorReport, torch) -> None:
         report.add(f"gpu{i}", status, f"{name}: {_gib(total)} total, {_gib(free)} free{note}")
 
 
-def _cpu_info() -> tuple[str, set[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    model, flags = platform.machine(), set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model == platform.machine():
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, flags
-
-
 def _check_cpu(report: DoctorReport) -> None:
-    model, flags = _cpu_info()
+    from pipeline.devices import CPU_FEATURES, cpu_info
+
+    model, flags = cpu_info()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    present = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    present = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FEATURES)
     report.add("CPU", OK, f"{model}, {cores} cores usable; {present}")
 
 
 def _check_precision(report: DoctorReport, torch) -> None:
     try:
-        from pipeline.predict import cpu_has_native_bf16, resolve_precision
+        from pipeline.devices import cpu_has_native_bf16, precision_name, resolve_precision
     except Exception as err:  # MONAI (or another dependency of the predictor) does not import
         report.add("precision", FAIL, f"the predictor does not import ({type(err).__name__}: {err})")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_precision("auto", device)
-    shown = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    shown = precision_name(dtype)
     if device.type == "cuda":
         why = "the GPU supports bf16" if dtype == torch.bfloat16 else "the GPU has no bf16"
     else:
@@ -242,18 +227,17 @@ def _probe_sqlite(path: Path) -> str:
 
 def _check_tracking(report: DoctorReport, tracking_uri: str | None) -> None:
     try:
-        from pipeline.tracking import Tracker, resolve_tracking_uri
+        from pipeline.tracking.store import check_store, resolve_tracking_uri
     except Exception as err:
-        report.add("tracking", FAIL, f"pipeline.tracking does not import ({type(err).__name__}: {err})")
+        report.add("tracking", FAIL, f"pipeline.tracking.store does not import ({type(err).__name__}: {err})")
         return
     from pipeline.errors import Seg3dError
 
     uri = resolve_tracking_uri(tracking_uri)
     scheme = urlparse(uri).scheme
-    tracker = Tracker(uri, experiment="seg3d-doctor", run_dir=Path(tempfile.gettempdir()))
 
     def probe() -> str:
-        tracker.check()  # HTTP: asks the tracking API (5 s timeout); sqlite and file: the store's folder is writable
+        check_store(uri)  # what training checks first: HTTP asks the tracking API once; sqlite and file: writable
         if scheme in ("http", "https"):
             return "tracking server answers"
         if scheme == "sqlite":

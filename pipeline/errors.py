@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """A library's message (nibabel's, ITK's and MLflow's run over several lines, MLflow's to hundreds of characters
+    of urllib3 internals) as one line of at most `limit` characters, for a one-line answer or a log line."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Seg3dError(Exception):
     """A problem the user can fix (bad file, bad config, unknown model). The message names the case and the fix."""
 

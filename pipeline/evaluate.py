@@ -41,150 +41,18 @@ listed in metrics.json under "unmatched" and the CLI warns on stderr; they are n
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
-import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.errors import Seg3dError
+from pipeline.metrics import DIGITS, METRICS, STATUSES, evaluate_case
 
-STATUSES = ("both_present", "both_empty", "missed", "false_positive")
-METRICS = ("dice", "hd95_mm", "nsd", "volume_diff_ml")
 CSV_COLUMNS = ("case", "label", *METRICS)
 CSV_NAME, JSON_NAME = "metrics.csv", "metrics.json"
-_DIGITS = 6  # MONAI returns float32 distances; more digits than this would be noise
-
-
-def dice_per_class(pred, ref, num_classes: int) -> list[float]:
-    """Dice of each foreground class 1..num_classes-1 between two integer label maps of one shape."""
-    pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred)
-    ref = torch.as_tensor(np.asarray(ref) if not isinstance(ref, torch.Tensor) else ref)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
-    out = []
-    for c in range(1, num_classes):
-        p, r = pred == c, ref == c
-        denom = int(p.sum()) + int(r.sum())
-        out.append(float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom)
-    return out
-
-
-def mean_foreground_dice(per_case: list[list[float]]) -> tuple[list[float], float]:
-    """Per-class mean over cases (NaN cases left out) and the mean of those class means."""
-    arr = np.asarray(per_case, dtype=float)
-    if arr.size == 0:
-        return [], float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN class is reported as NaN on purpose
-        per_class = np.nanmean(arr, axis=0)
-        overall = float(np.nanmean(per_class))
-    return [float(v) for v in per_class], overall
-
-
-# -- one case -------------------------------------------------------------------------------------------------
-
-
-def evaluate_case(
-    pred: np.ndarray,
-    ref: np.ndarray,
-    spacing: Sequence[float],
-    labels: Mapping[str, int],
-    tolerance_mm: float = 2.0,
-    case: str | None = None,
-) -> list[dict]:
-    """One record per foreground class of `labels` (background, value 0, is skipped): case, label, the METRICS
-    and status, plus pred_volume_ml and ref_volume_ml. `spacing` is the voxel size in mm along the array's axes."""
-    pred, ref = np.asarray(pred), np.asarray(ref)
-    if pred.shape != ref.shape or pred.ndim != len(spacing):
-        raise Seg3dError(
-            f"prediction shape {pred.shape}, reference shape {ref.shape} and spacing {tuple(spacing)} do not "
-            "agree; a prediction must be on its reference's voxel grid",
-            case=case,
-        )
-    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
-        raise Seg3dError(f"NSD tolerance {tolerance_mm} mm is not a distance; give one >= 0, e.g. --tolerance 2")
-    classes = {name: int(value) for name, value in labels.items() if int(value) != 0}
-    pred, ref = _label_map(pred, classes, case, "prediction"), _label_map(ref, classes, case, "reference")
-    spacing = tuple(float(s) for s in spacing)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    diagonal = float(np.sqrt(np.sum((np.asarray(pred.shape) * np.asarray(spacing)) ** 2)))
-    records = []
-    for name, value in classes.items():
-        p, r = pred == value, ref == value
-        n_pred, n_ref = int(p.sum()), int(r.sum())
-        if n_pred and n_ref:
-            dice = 2.0 * int(np.count_nonzero(p & r)) / (n_pred + n_ref)
-            hd95, nsd = _surface_metrics(p, r, spacing, tolerance_mm)
-            status = "both_present"
-        elif not n_pred and not n_ref:
-            dice, hd95, nsd, status = 1.0, 0.0, 1.0, "both_empty"
-        else:
-            dice, hd95, nsd, status = 0.0, diagonal, 0.0, "missed" if n_ref else "false_positive"
-        values = {"dice": dice, "hd95_mm": hd95, "nsd": nsd, "volume_diff_ml": (n_pred - n_ref) * voxel_ml}
-        records.append(
-            {
-                "case": case,
-                "label": name,
-                **{k: round(float(v), _DIGITS) for k, v in values.items()},
-                "status": status,
-                "pred_volume_ml": round(n_pred * voxel_ml, _DIGITS),
-                "ref_volume_ml": round(n_ref * voxel_ml, _DIGITS),
-            }
-        )
-    return records
-
-
-def _label_map(array: np.ndarray, classes: dict[str, int], case: str | None, what: str) -> np.ndarray:
-    """The array as integers, after checking that every value is background or a declared class: an undeclared
-    value means the wrong --labels or the wrong file, and mapping it to background would hide that."""
-    allowed = sorted({0, *classes.values()})
-    outside = ~np.isin(array, allowed)  # NaN included: it equals nothing
-    if outside.any():
-        bad = np.unique(array[outside]).tolist()
-        shown = ", ".join(f"{v:g}" for v in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        declared = ", ".join(f"{k}={v}" for k, v in classes.items())
-        raise Seg3dError(
-            f"{what} holds label values {shown}, which are neither background (0) nor declared ({declared}); "
-            "declare every class with --labels NAME=VALUE,... or check that the right file was given",
-            case=case,
-        )
-    # Float label files (nibabel writes float64 masks) become the smallest integer type holding the labels.
-    return array if array.dtype.kind in "iu" else array.astype(np.min_scalar_type(allowed[-1]))
-
-
-def _surface_metrics(p: np.ndarray, r: np.ndarray, spacing: tuple[float, ...], tolerance_mm: float):
-    """(HD95 mm, NSD) of two non-empty masks, by MONAI. Cropped to the union's bounding box plus one voxel first:
-    MONAI crops the same way (the image border counts as outside), so the numbers are unchanged and a full CT
-    is not copied into float32 channels."""
-    lows, highs = _bbox(p | r)
-    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(lows, highs))
-    pt = torch.from_numpy(np.ascontiguousarray(p[box]))[None, None]  # (1, 1, X, Y, Z): batch and one-hot channel
-    rt = torch.from_numpy(np.ascontiguousarray(r[box]))[None, None]
-    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
-
-    with warnings.catch_warnings():
-        # MONAI >= 1.5 warns about an argument its own metrics still pass; nothing a user can act on.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        hd95 = compute_hausdorff_distance(pt, rt, include_background=True, percentile=95, spacing=list(spacing))
-        nsd = compute_surface_dice(pt, rt, [tolerance_mm], include_background=True, spacing=list(spacing))
-    return float(hd95.item()), float(nsd.item())
-
-
-def _bbox(mask: np.ndarray) -> tuple[list[int], list[int]]:
-    """Lowest and highest index of the mask along each axis."""
-    lows, highs = [], []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lows.append(int(hit[0]))
-        highs.append(int(hit[-1]))
-    return lows, highs
 
 
 # -- files and folders ----------------------------------------------------------------------------------------
@@ -219,9 +87,9 @@ class Report:
             for metric in METRICS:
                 values = np.asarray([r[metric] for r in rows], dtype=float)
                 stats[metric] = {
-                    "mean": round(float(values.mean()), _DIGITS),
-                    "median": round(float(np.median(values)), _DIGITS),
-                    "std": round(float(values.std(ddof=1)), _DIGITS) if len(values) > 1 else None,
+                    "mean": round(float(values.mean()), DIGITS),
+                    "median": round(float(np.median(values)), DIGITS),
+                    "std": round(float(values.std(ddof=1)), DIGITS) if len(values) > 1 else None,
                 }
             counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
             out[name] = {"n": len(rows), "cases": [r["case"] for r in rows], **stats, "status_counts": counts}
@@ -280,7 +148,7 @@ def evaluate_folders(
     cases are matched by case id (two single files are paired as given, under the reference's id). A case on
     one side only is an error, or with `allow_missing` left out and listed in `Report.unmatched`. `labels`
     defaults to MSD Task07's pancreas=1, cancer=2."""
-    from pipeline.data import MSD_PANCREAS_LABELS, case_id
+    from pipeline.datalists import MSD_PANCREAS_LABELS, case_id
     from pipeline.imageio import read_volume
 
     classes = {k: int(v) for k, v in (labels or MSD_PANCREAS_LABELS).items() if int(v) != 0}
@@ -323,7 +191,8 @@ def _unmatched_text(unmatched: dict[str, list[str]]) -> str:
 
 def _cases(path: Path, what: str) -> dict[str, Path]:
     """Case id -> file for a NIfTI file or a folder of NIfTI files (not recursive; hidden files skipped)."""
-    from pipeline.data import NIFTI_SUFFIXES, case_id
+    from pipeline.datalists import case_id
+    from pipeline.fileio import NIFTI_SUFFIXES
 
     if not path.exists():
         raise Seg3dError(f"{what} path not found: {path}; give a NIfTI file or a folder of NIfTI files")
@@ -356,16 +225,10 @@ def _check_geometry(pred, ref, case: str) -> None:
     if pred.array.shape == ref.array.shape and np.allclose(pred.affine, ref.affine, atol=AFFINE_TOL):
         return
     raise Seg3dError(
-        f"prediction and reference geometries differ: prediction {_geometry(pred)}, reference {_geometry(ref)}; "
+        f"prediction and reference geometries differ: prediction {pred.describe()}, reference {ref.describe()}; "
         "evaluate a prediction against the reference of the image it was made from",
         case=case,
     )
-
-
-def _geometry(volume) -> str:
-    spacing = "x".join(f"{s:.4g}" for s in volume.spacing)
-    origin = ", ".join(f"{o:.4g}" for o in volume.affine[:3, 3])
-    return f"shape {tuple(volume.array.shape)}, spacing {spacing} mm, origin ({origin}), {volume.axcodes}"
 
 
 # -- outputs --------------------------------------------------------------------------------------------------
@@ -386,14 +249,10 @@ def check_output(output: Path | str, overwrite: bool = False) -> tuple[Path, Pat
 
 def write_outputs(report: Report, output: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
     """Write metrics.csv (CSV_COLUMNS, one row per case and class) and metrics.json, each atomically."""
-    from pipeline.bundle import atomic_write_text
+    from pipeline.fileio import atomic_write_csv, atomic_write_text
 
     csv_path, json_path = check_output(output, overwrite)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows([r[c] for c in CSV_COLUMNS] for r in report.records)
-    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_csv(csv_path, CSV_COLUMNS, ([r[c] for c in CSV_COLUMNS] for r in report.records))
     atomic_write_text(json_path, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
     return csv_path, json_path
 

@@ -17,7 +17,6 @@ reproduce the network's logits is never written.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.bundle import PREPROCESSING, atomic_write
-from pipeline.errors import Seg3dError
+from pipeline.bundle import PREPROCESSING
+from pipeline.errors import Seg3dError, one_line
+from pipeline.fileio import atomic_write, atomic_write_text, sha256_file
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -104,11 +104,6 @@ def check_output(output: Path, overwrite: bool = False) -> None:
         raise Seg3dError(f"--output {output} cannot be written: {folder} is read-only")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
-
-
 @contextlib.contextmanager
 def _quiet():
     """The exporters warn about what is expected here (shape-dependent padding frozen at the patch size, TorchScript's
@@ -167,24 +162,6 @@ def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(x)).numpy()
 
 
-def _readable(path: Path, text: str | None = None) -> None:
-    """Write `text` (if given) and give `path` the permissions of a file the user made: atomic_write's temporary
-    files are private (0600), and a model shipped to a serving container must be readable by its user."""
-    if text is not None:
-        path.write_text(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_network(
     net: nn.Module,
     output: Path,
@@ -239,7 +216,8 @@ def export_network(
         except Seg3dError:
             raise
         except Exception as err:  # the exporters raise anything from torch._dynamo to onnxruntime errors
-            raise Seg3dError(f"model {name} cannot be exported to {fmt}: {_first_line(err)}") from err
+            reason = f"{type(err).__name__}: {one_line(err)}"
+            raise Seg3dError(f"model {name} cannot be exported to {fmt}: {reason}") from err
         if exported.shape != reference.shape:
             raise Seg3dError(
                 f"model {name} exported to {fmt} returns shape {exported.shape} for a batch of {CHECK_BATCH}, the"
@@ -251,11 +229,10 @@ def export_network(
                 f"model {name} exported to {fmt} differs from the PyTorch network by up to {error:.3g} (logits up to"
                 f" {scale:.3g}); nothing was written"
             )
-        _readable(tmp)
-        head = {"seg3d_export": EXPORT_FORMAT, "file": output.name, "sha256": _sha256(tmp), **extra}
+        head = {"seg3d_export": EXPORT_FORMAT, "file": output.name, "sha256": sha256_file(tmp), **extra}
         check_record = {"check": {"batch": CHECK_BATCH, "max_abs_error": error, "logit_scale": scale}}
         text = json.dumps({**head, **record, **check_record}, indent=2) + "\n"
-        atomic_write(sidecar, lambda tmp_json: _readable(Path(tmp_json), text))
+        atomic_write_text(sidecar, text)
 
     try:
         atomic_write(output, write)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from pipeline.errors import Seg3dError
+from pipeline.errors import Seg3dError, one_line
 
 # World coordinates: DICOM/ITK use LPS+, NIfTI/nibabel RAS+; the two differ by negating x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -37,11 +36,6 @@ _READ_ERRORS = (
 )
 # What nibabel and numpy raise for a header whose qform/sform cannot be turned into a matrix (NaN, w^2 < 0).
 _GEOMETRY_ERRORS = (HeaderDataError, ValueError, np.linalg.LinAlgError)
-
-
-def _one_line(err: BaseException) -> str:
-    """A library's message (nibabel's and ITK's run over several lines) as one line for the CLI."""
-    return " ".join(str(err).split())
 
 
 def _axcodes(affine: np.ndarray) -> str:
@@ -78,11 +72,17 @@ class Volume:
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
+    def describe(self) -> str:
+        """The voxel grid in words, for a message that compares two grids."""
+        spacing = " x ".join(f"{s:.4g}" for s in self.spacing)
+        origin = ", ".join(f"{o:.2f}" for o in self.affine[:3, 3])
+        return f"shape {tuple(self.array.shape)}, spacing {spacing} mm, origin ({origin}) mm RAS, axes {self.axcodes}"
+
 
 def c_ordered(array: np.ndarray, slab: int = 4):
     """A C-contiguous torch tensor of a 3D array. NIfTI data come Fortran-ordered, and reversing all three axes in one
     copy strides through memory by whole slices for every voxel; copying a few slices of the last axis at a time
-    keeps the writes in cache: 0.38 -> 0.15-0.2 s for 512 x 512 x 200 float32 on 2 cores (numpy's copy: 0.76 s)."""
+    keeps the writes in cache."""
     import torch  # here: the rest of this module (check-data) does without it
 
     src = torch.from_numpy(array)
@@ -96,7 +96,7 @@ def c_ordered(array: np.ndarray, slab: int = 4):
 
 def fortran_ordered(array: np.ndarray) -> np.ndarray:
     """The same 3D array in Fortran order, NIfTI's on-disk order, so that nibabel writes it without reordering
-    every voxel on the fly (writing a 512 x 512 x 200 label map: 0.48 -> 0.09 s, plus this copy)."""
+    every voxel on the fly."""
     if array.flags.f_contiguous or array.ndim != 3:
         return array
     return c_ordered(array.T).numpy().T
@@ -109,7 +109,9 @@ def read_volume(path: Path | str, case: str | None = None, kind: str = "image") 
     if not path.exists():
         raise Seg3dError(f"{kind} not found: {path}; check the path in the datalist", case=case)
     if path.is_dir():
-        array, affine, notes = _read_dicom_series(path, case, kind)
+        from pipeline.dicomio import read_dicom_series
+
+        array, affine, notes = read_dicom_series(path, case, kind)
     else:
         array, affine, notes = _read_nifti(path, case, kind)
     stored_shape = array.shape
@@ -135,7 +137,9 @@ def geometry_notes(path: Path | str, case: str | None = None, kind: str = "image
     path = Path(path)
     try:
         if path.is_dir():
-            affine, notes = _dicom_orientation(path), []
+            from pipeline.dicomio import dicom_orientation
+
+            affine, notes = dicom_orientation(path), []
         else:
             img = nib.load(path)
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -182,7 +186,7 @@ def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np
 
 def _unreadable(path: Path, case: str | None, kind: str, err: BaseException) -> Seg3dError:
     return Seg3dError(
-        f"cannot read {kind} {path} (truncated or not NIfTI?): {type(err).__name__}: {_one_line(err)}; "
+        f"cannot read {kind} {path} (truncated or not NIfTI?): {type(err).__name__}: {one_line(err, limit=1000)}; "
         "re-export or re-download it (a DICOM series is given as its folder)",
         case=case,
     )
@@ -198,7 +202,7 @@ def _nifti_geometry(img, path: Path, case: str | None, kind: str) -> tuple[np.nd
         affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     except _GEOMETRY_ERRORS as err:
         raise Seg3dError(
-            f"{kind} {path} has an invalid qform/sform ({_one_line(err)}); fix the header's geometry "
+            f"{kind} {path} has an invalid qform/sform ({one_line(err, limit=1000)}); fix the header's geometry "
             "(e.g. re-convert the DICOM with dcm2niix)",
             case=case,
         ) from None
@@ -221,128 +225,6 @@ def _nifti_geometry(img, path: Path, case: str | None, kind: str) -> tuple[np.nd
             Note(f"{kind} {path.name}: neither qform nor sform is set; voxel sizes only, no position", "warning")
         )
     return affine, notes
-
-
-@contextmanager
-def _quiet_itk():
-    """ITK writes its warnings (an empty folder, uneven slices) straight to the process's stderr, several lines
-    each, next to the one line the CLI prints; what they say is checked and reported here instead."""
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def _read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    with _quiet_itk():
-        return _read_dicom_series_quietly(path, case, kind)
-
-
-def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    import SimpleITK as sitk
-
-    notes: list[str] = []
-    reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(str(path))
-    except RuntimeError as err:
-        raise Seg3dError(f"cannot list DICOM series in {path}: {_one_line(err)}", case=case) from None
-    if len(series) == 0:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise Seg3dError(
-            f"no DICOM series in {path}; {article} {kind} must be a NIfTI file or a folder of one DICOM series",
-            case=case,
-        )
-    if len(series) > 1:
-        raise Seg3dError(
-            f"{len(series)} DICOM series in {path}; point at a folder holding exactly one series "
-            "(e.g. sort the files into one folder per SeriesInstanceUID)",
-            case=case,
-        )
-    files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    # ITK prints its own multi-line warning for uneven slice gaps; _slice_gaps below makes that an error instead.
-    reader.SetSpacingWarningRelThreshold(1e9)
-    try:
-        # GDCM applies RescaleSlope/RescaleIntercept per file: the values come back in HU.
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise Seg3dError(f"cannot read DICOM series {path}: {_one_line(err)}", case=case) from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise Seg3dError(
-            f"DICOM series {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-            "a CT series is grey-scale",
-            case=case,
-        )
-    dim = image.GetDimension()
-    array = sitk.GetArrayFromImage(image).transpose(tuple(range(dim))[::-1])  # (z, y, x) -> (x, y, z)
-    if kind == "image":
-        array = array.astype(np.float32, copy=False)
-    if dim != 3:
-        return array, np.eye(4), notes  # _as_3d rejects it with the shape in the message
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine_lps = np.eye(4)
-    affine_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
-    affine_lps[:3, 3] = image.GetOrigin()
-    _check_slice_positions(reader, len(files), direction[:, 2], path, case, kind)
-    return array, LPS_TO_RAS @ affine_lps, notes
-
-
-def _dicom_orientation(path: Path) -> np.ndarray:
-    """A RAS affine with the series' direction cosines (from one file's ImageOrientationPatient) and unit spacing:
-    enough to tell an oblique series before reading it."""
-    import SimpleITK as sitk
-
-    series = sitk.ImageSeriesReader()
-    with _quiet_itk():
-        ids = series.GetGDCMSeriesIDs(str(path))
-        if len(ids) != 1:
-            raise Seg3dError(f"{len(ids)} DICOM series in {path}")
-        first = sitk.ImageFileReader()
-        first.SetFileName(series.GetGDCMSeriesFileNames(str(path), ids[0])[0])
-        first.ReadImageInformation()
-    affine = np.eye(4)
-    affine[:3, :3] = np.array(first.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return LPS_TO_RAS @ affine
-
-
-def _check_slice_positions(reader, n: int, normal: np.ndarray, path: Path, case: str | None, kind: str) -> None:
-    """ITK takes the slice spacing from the first two slices and stacks the slices along their normal. A missing
-    slice further on would stretch the anatomy silently, and a gantry-tilted series (slices shifted along the
-    table, not along their normal) would be read sheared as if it were straight: both are errors."""
-    positions = []
-    for i in range(n):
-        if not reader.HasMetaDataKey(i, "0020|0032"):
-            return
-        try:
-            positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
-        except ValueError:
-            return
-    if n < 2:
-        return
-    steps = np.diff(np.asarray(positions), axis=0)  # (n - 1, 3): from each slice's origin to the next's, LPS mm
-    gaps = steps @ normal
-    tolerance = max(AFFINE_TOL, 0.01 * abs(float(np.median(gaps))))
-    sideways = float(np.linalg.norm(steps - gaps[:, None] * normal, axis=1).max())
-    if sideways > tolerance:
-        tilt = float(np.degrees(np.arctan2(sideways, abs(float(np.median(gaps))))))
-        raise Seg3dError(
-            f"DICOM series {path} is sheared: each slice is shifted {sideways:.3g} mm sideways of its normal "
-            f"(gantry tilt of about {tilt:.1f} degrees); resample it onto a straight grid first (e.g. dcm2niix "
-            "corrects gantry tilt) and give the NIfTI",
-            case=case,
-        )
-    if n >= 3 and np.ptp(gaps) > tolerance:
-        raise Seg3dError(
-            f"DICOM series {path} has uneven slice gaps, {gaps.min():.3g} to {gaps.max():.3g} mm (a missing "
-            f"slice?); the volume would be stretched: complete the series ({n} slices now) or export it again",
-            case=case,
-        )
 
 
 def _as_3d(array: np.ndarray, path: Path, case: str | None, kind: str) -> tuple[np.ndarray, bool]:

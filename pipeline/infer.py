@@ -8,7 +8,6 @@ and the rest go on; the exit code is non-zero at the end if any case failed. Inp
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import tempfile
@@ -17,17 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pipeline import faults
 from pipeline.bundle import Bundle, load_bundle
-from pipeline.data import Case, case_id, list_images
+from pipeline.datalists import Case, case_id, list_images
+from pipeline.devices import resolve_device
 from pipeline.errors import Seg3dError
+from pipeline.fileio import is_nifti, remove_temporaries
 from pipeline.imageio import geometry_notes
-from pipeline.predict import Predictor, dicom_seg_sources, write_dicom_seg, write_labels, write_probabilities
-
-NIFTI = (".nii.gz", ".nii")
+from pipeline.predict import Predictor
+from pipeline.writers import dicom_seg_sources, write_dicom_seg, write_labels, write_probabilities
 
 
 @dataclass
@@ -50,24 +49,20 @@ class InferenceSummary:
     outputs: dict[str, CaseOutputs] = field(default_factory=dict)
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI)
-
-
 def collect_inputs(source: Path | str) -> list[Case]:
     """A NIfTI file, a DICOM series folder, a folder of NIfTI files, or a datalist (MSD json, CSV)."""
     source = Path(source)
     if not source.exists():
         raise Seg3dError(f"input {source} not found")
     if source.is_file():
-        if _is_nifti(source):
+        if is_nifti(source):
             return [Case(case_id(source), source, None)]
         if source.suffix.lower() in (".json", ".csv"):
             return [Case(c.case, c.image, None) for c in list_images(source)]
         raise Seg3dError(f"input {source} is not a NIfTI file (.nii, .nii.gz), a DICOM folder or a datalist")
     if (source / "dataset.json").is_file():
         return [Case(c.case, c.image, None) for c in list_images(source)]
-    niftis = sorted(p for p in source.iterdir() if p.is_file() and _is_nifti(p) and not p.name.startswith("."))
+    niftis = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
     if niftis:
         return [Case(case_id(p), p, None) for p in niftis]
     if not any(p.is_file() for p in source.iterdir()):
@@ -91,7 +86,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 def resolve_model(model: str, tracking_uri: str | None, workdir: Path) -> Path:
     """A bundle folder as is; `runs:/` and `models:/` URIs downloaded from MLflow into `workdir`."""
     if model.startswith(("runs:/", "models:/")):
-        from pipeline.tracking import download_artifacts
+        from pipeline.tracking.store import download_artifacts
 
         return download_artifacts(model, workdir, tracking_uri)
     path = Path(model)
@@ -103,7 +98,7 @@ def resolve_model(model: str, tracking_uri: str | None, workdir: Path) -> Path:
 def plan_outputs(cases: list[Case], output: Path, save_probabilities: bool, dicom_seg: bool, overlays: bool):
     """Output paths per case: OUTPUT itself for one case and a .nii.gz OUTPUT, else OUTPUT/<case>.nii.gz, with the
     extras beside the label map."""
-    single = len(cases) == 1 and _is_nifti(output)
+    single = len(cases) == 1 and is_nifti(output)
     plans = {}
     for case in cases:
         if single:
@@ -161,11 +156,7 @@ def run_inference(
     _refuse_overwriting_inputs(cases, plans)
     if overlap is not None and not 0 <= overlap < 1:
         raise Seg3dError(f"--overlap must be in [0, 1), got {overlap}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise Seg3dError("--device cuda but no CUDA device is available; use --device cpu or auto")
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
 
     summary = InferenceSummary()
     _sweep_temporaries(plans.values())
@@ -197,9 +188,7 @@ def _sweep_temporaries(plans) -> None:
     the outputs (.NAME.XXXX...). The outputs themselves are whole or absent, never half written."""
     for plan in plans:
         for path in plan.all():
-            if path.parent.is_dir():
-                for stray in path.parent.glob(f".{glob.escape(path.name)}.*"):
-                    stray.unlink(missing_ok=True)
+            remove_temporaries(path.parent, names=[path.name])
 
 
 def _one_case(predictor: Predictor, bundle: Bundle, case: Case, plan: CaseOutputs, overlays: bool) -> dict[str, float]:
@@ -213,11 +202,11 @@ def _one_case(predictor: Predictor, bundle: Bundle, case: Case, plan: CaseOutput
     faults.point("infer.case")
     start = time.perf_counter()
     pre = bundle.preprocessing
-    write_labels(pred, pre, case.image, plan.labels)
+    write_labels(pred, pre, source=case.image, out=plan.labels)
     if plan.probabilities is not None:
         write_probabilities(pred, pre, plan.probabilities)
     if plan.dicom_seg is not None:
-        write_dicom_seg(pred, pre, case.image, plan.dicom_seg, bundle.config.model.name)
+        write_dicom_seg(pred, pre, series=case.image, out=plan.dicom_seg, model_name=bundle.config.model.name)
     pred.timings["write"] = time.perf_counter() - start
     if plan.overlay is not None:
         from pipeline.imageio import read_volume

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 
-from pipeline.bundle import atomic_write
+from pipeline.fileio import atomic_write
 
 WINDOW = (-160.0, 240.0)
 COLOURS = ["#00d0ff", "#ff3030", "#ffd000", "#40ff40", "#ff40ff"]

@@ -11,7 +11,6 @@ the wrong places: intensity alone cannot find it, context can.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import Seg3dError
+from pipeline.fileio import atomic_write, atomic_write_text
 
 LABELS = {"0": "background", "1": "pancreas", "2": "cancer"}
 ORIENTATIONS = ("RAS", "LPS", "LAS")
@@ -229,12 +229,7 @@ def to_nifti(array: np.ndarray, affine: np.ndarray, orientation: str) -> nib.Nif
 
 def save_atomic(img: nib.Nifti1Image, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
 def synthesize(out: Path, cases: int, seed: int = 0, test_cases: int | None = None, overwrite: bool = False) -> Path:
@@ -281,7 +276,5 @@ def synthesize(out: Path, cases: int, seed: int = 0, test_cases: int | None = No
         "training": training,
         "test": test,
     }
-    tmp = manifest.with_name(f".dataset.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(dataset, indent=4))
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps(dataset, indent=4))
     return manifest

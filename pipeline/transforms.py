@@ -45,7 +45,7 @@ from monai.transforms import (
 )
 
 from pipeline.config import Config
-from pipeline.data import remap_labels
+from pipeline.datalists import remap_labels
 from pipeline.errors import Seg3dError
 from pipeline.imageio import c_ordered, read_volume
 
@@ -90,7 +90,7 @@ class Preprocessing:
 
 
 def compute_preprocessing(cfg: Config, labels: dict[str, int], exhaustive: bool, infos) -> Preprocessing:
-    """nnU-Net-style statistics from the training cases' integrity-check records (`pipeline.data.CaseInfo`):
+    """nnU-Net-style statistics from the training cases' integrity-check records (`pipeline.integrity.CaseInfo`):
     median spacing per RAS axis, and the foreground intensity percentiles, mean and std."""
     data = cfg.data
     if data.target_spacing is not None:
@@ -191,9 +191,9 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
     """MONAI's `Spacingd` (same output grid, affine, interpolation, border padding, recorded operation, inverse),
     with the bilinear resampling computed separably when the voxel mapping is axis-aligned, as it always is after
     `Orientationd`: trilinear weights are products of one weight per axis, so three 1-D interpolations give
-    grid_sample's result without its dense sampling grid: 0.71 -> 0.31 s for 458 x 320 x 200 -> 367 x 256 x 167 on
-    2 cores, 0.56 -> 0.10 s for the real CT. Any other mapping, and nearest (labels), go through MONAI. MONAI
-    computes the output grid (the same `Spacingd`, lazily); only the resampling is ours."""
+    grid_sample's result without its dense sampling grid (docs/benchmarks.md, "design measurements"). Any other
+    mapping, and nearest (labels), go through MONAI. MONAI computes the output grid (the same `Spacingd`, lazily);
+    only the resampling is ours."""
 
     def __init__(self, keys, pixdim, mode) -> None:
         super().__init__(keys)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,12 @@ from tests.mlflow_server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
+
+
+def pytest_configure(config):
+    # What seg3d's main() does for a real command: the machines are offline, and MLflow reads this when it is first
+    # imported, which a test module may do at collection.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,9 +1,13 @@
-"""A real `mlflow server` on 127.0.0.1 for tests: sqlite backend, artifacts proxied through the server.
+"""Servers on 127.0.0.1 for the tracking tests, and a record of the HTTP requests MLflow's client sends to them.
 
-Tests of the server path talk to the same REST API a shared team server exposes, so nothing about the HTTP
-client, artifact proxying or the registry is mocked. One uvicorn worker keeps the start-up (~10 s on 2 cores) and
-the memory small. The `mlflow_server` fixture in tests/conftest.py shares one instance across the session;
-tests that kill and restart a server build their own `MlflowServer`.
+`MlflowServer` is a real `mlflow server` (sqlite backend, artifacts proxied through the server): tests of the server
+path talk to the same REST API a shared team server exposes, so nothing about the HTTP client, artifact proxying or
+the registry is mocked. One uvicorn worker keeps the start-up and the memory small. The `mlflow_server` fixture in
+tests/conftest.py shares one instance across the session; tests that kill and restart a server build their own.
+
+`StubWebServer` is a web server that is not MLflow, or that demands credentials: what a real MLflow server cannot
+be made into cheaply (its basic-auth app needs a user database and an admin set up). `record_http` watches the
+requests MLflow's client sends, with the timeout and retry budget each was sent under, and lets them go out.
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 START_TIMEOUT_S = 60.0
 
@@ -116,3 +125,74 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:  # already gone
         pass
+
+
+class StubWebServer:
+    """A web server on 127.0.0.1 that answers every request with one status and body.
+
+    With `authorization`, only a request that carries exactly that Authorization header gets the answer; any other
+    gets HTTP 401, as an MLflow server behind basic auth gives. The headers it was sent are kept in `authorizations`.
+    """
+
+    def __init__(self, *, status: int, body: str, content_type: str = "application/json", authorization: str = ""):
+        self.authorizations: list[str | None] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                sent = self.headers.get("Authorization")
+                stub.authorizations.append(sent)
+                if authorization and sent != authorization:
+                    code, text, kind = 401, "You are not authenticated.", "text/plain"
+                else:
+                    code, text, kind = status, body, content_type
+                data = text.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:  # keep the test output clean
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="stub-web-server", daemon=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> StubWebServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    method: str
+    url: str
+    timeout: float | None  # seconds, as given to requests
+    retries: int | None  # the total retries of the session's urllib3 Retry
+
+
+def record_http(monkeypatch: pytest.MonkeyPatch) -> list[SentRequest]:
+    """Every request sent through `requests` (MLflow's HTTP client) from now on, in order; the requests still go out."""
+    import requests
+
+    sent: list[SentRequest] = []
+    original = requests.Session.request
+
+    def request(session, method, url, *args, **kwargs):
+        retry = getattr(session.get_adapter(url), "max_retries", None)
+        sent.append(SentRequest(str(method), str(url), kwargs.get("timeout"), getattr(retry, "total", None)))
+        return original(session, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    return sent

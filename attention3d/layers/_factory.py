@@ -18,6 +18,17 @@ def check_spatial_dims(spatial_dims: int) -> int:
     return spatial_dims
 
 
+def inter_channels(in_channels: int, inter_channels: int | None) -> int:
+    """The width of an attention block's embedding: as given, or half the input's (at least 1), as the non-local
+    paper and Oktay's gates choose it; a non-positive width is a ValueError."""
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    inter = max(1, in_channels // 2) if inter_channels is None else inter_channels
+    if inter < 1:
+        raise ValueError(f"inter_channels must be >= 1, got {inter_channels}")
+    return inter
+
+
 def conv(
     spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, bias: bool = True
 ) -> nn.Module:

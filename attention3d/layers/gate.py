@@ -7,6 +7,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from attention3d.layers._factory import check_spatial_dims, conv, resize
+from attention3d.layers._factory import inter_channels as embedding_width
 from attention3d.layers._factory import norm as norm_layer
 
 
@@ -39,9 +40,7 @@ class AttentionGate(nn.Module):
         subsample = tuple(subsample) if isinstance(subsample, (tuple, list)) else (subsample,) * spatial_dims
         if len(subsample) != spatial_dims or min(subsample) < 1:
             raise ValueError(f"subsample must be >= 1, one value or one per spatial axis, got {subsample}")
-        inter_channels = max(1, in_channels // 2) if inter_channels is None else inter_channels
-        if inter_channels < 1:
-            raise ValueError(f"inter_channels must be >= 1, got {inter_channels}")
+        inter_channels = embedding_width(in_channels, inter_channels)
         self.in_channels = in_channels
         self.gating_channels = gating_channels
         self.inter_channels = inter_channels
@@ -69,8 +68,8 @@ class AttentionGate(nn.Module):
 
 def _scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """alpha * x, alpha broadcast over the channels. Where the channels are the innermost dimension (channels-last
-    inference on CPU), a broadcast along it is slow: multiplying by the expansion, laid out like x, is about 3x faster
-    (1.6 vs 5.4 ms for 4 x 8 x 64 x 64 x 32 in bf16 on 2 cores)."""
+    inference on CPU), a broadcast along that dimension walks memory badly, so x is multiplied by alpha's expansion
+    laid out like x instead (docs/benchmarks.md, "design measurements")."""
     if x.stride(1) == 1 and x.shape[1] > 1:
         return torch.empty_like(x).copy_(alpha.expand_as(x)).mul_(x)
     return alpha * x

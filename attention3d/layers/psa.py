@@ -92,11 +92,7 @@ class PointwiseSpatialAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.spatial_dims = _factory.check_spatial_dims(spatial_dims)
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        inter = max(1, in_channels // 2) if inter_channels is None else inter_channels
-        if inter < 1:
-            raise ValueError(f"inter_channels must be >= 1, got {inter_channels}")
+        inter = _factory.inter_channels(in_channels, inter_channels)
         self.inter_channels = inter
         self.grid = _as_grid(grid, spatial_dims)
         n_offsets = math.prod(2 * g - 1 for g in self.grid)

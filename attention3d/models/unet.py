@@ -2,7 +2,7 @@
 
 The backbone is the nnU-Net-style U-Net of MONAI's DynUNet blocks (Isensee et al. 2021, arXiv:1809.10486):
 two conv-norm-act per level, strided convolution down, transposed convolution up, instance norm.
-Attention plugs in at
+Attention plugs in at (the kinds and their layers are the tables of attention3d.models.plugs)
 
 - the skip connections (`skip`): Oktay's attention gates ("gate") or PAN's global attention upsample ("gau");
 - the deepest level(s) (`context`): DANet ("dual"), EMANet ("em"), non-local ("nonlocal"), PSANet ("psa"),
@@ -13,9 +13,10 @@ Output contract:
 
 - eval mode: `forward(x)` returns the logits (B, out_channels, *S) at the input's resolution;
 - train mode: a model with auxiliary outputs returns a list whose first element is the main logits, followed
-  by the auxiliaries named in `model.output_names[1:]`: "ds<level>" deep-supervision logits and "pam<level>" /
-  "cam<level>" DANet branch logits, all resized to the input's resolution, then "se<level>" EncNet
-  class-presence logits (B, out_channels) for the SE-loss. A model without auxiliaries returns the logits;
+  by one tensor per entry of `model.aux_outputs` (attention3d.models.outputs), each declaring its kind:
+  deep-supervision logits ("ds<level>") and DANet branch logits ("pam<level>" / "cam<level>"), all resized to
+  the input's resolution, then EncNet class-presence logits ("se<level>", (B, out_channels)) for the SE-loss.
+  `model.output_names` lists the same names after "logits". A model without auxiliaries returns the logits;
 - `forward(x, return_gates=True)` returns `(output, gates)` with one attention-gate map per gated skip,
   (B, 1, *S) resized to the input's resolution, finest level first (empty for models without gates).
 
@@ -25,32 +26,21 @@ cropped back, so any patch size works.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetBasicBlock, get_conv_layer
 from torch import nn
 
-from attention3d.layers import (
-    AttentionGate,
-    ContextEncoding,
-    DualAttentionHead,
-    EMAttention,
-    FeaturePyramidAttention,
-    GlobalAttentionUpsample,
-    NonLocalBlock,
-    PointwiseSpatialAttention,
-    SpatialChannelSqueezeExcitation,
-    SqueezeExcitation,
-)
 from attention3d.layers._factory import conv, resize
-from attention3d.models._registry import register_model
-
-SKIPS = (None, "gate", "gau")
-CONTEXTS = (None, "dual", "em", "nonlocal", "psa", "fpa", "encoding")
-RECALIBRATIONS = (None, "se", "scse")
+from attention3d.models._registry import list_models, register_model
+from attention3d.models.outputs import AuxOutput
+from attention3d.models.plugs import CONTEXTS, RECALIBRATIONS, SKIPS
 
 
 @dataclass
@@ -64,13 +54,14 @@ class UNetConfig:
     # One stride per downsampling (len(channels) - 1); each an int or one int per axis (anisotropic CT).
     strides: tuple[int | tuple[int, ...], ...] = (2, 2, 2, 2)
     kernel_size: int = 3
+    # MONAI names, alone or with arguments: "batch", ("group", {"num_groups": 4}), ("prelu", {"init": 0.1}).
     norm: str | tuple = "instance"
     act: str | tuple = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
     dropout: float = 0.0
     skip: str | None = None
     context: str | None = None
     context_levels: int = 1  # how many of the deepest levels get the context module
-    context_kwargs: dict = field(default_factory=dict)
+    context_kwargs: dict = field(default_factory=dict)  # the context layer's own options (plugs.ContextKind)
     recalibration: str | None = None
     deep_supervision: int = 0  # number of coarser decoder levels with their own logits in training
 
@@ -82,6 +73,7 @@ class UNetConfig:
         if isinstance(self.act, list):
             self.act = tuple(self.act)
         levels = len(self.channels)
+        skips, contexts, recalibrations = (None, *SKIPS), (None, *CONTEXTS), (None, *RECALIBRATIONS)
         checks = [
             (self.spatial_dims in (2, 3), f"spatial_dims must be 2 or 3, got {self.spatial_dims}"),
             (levels >= 2, f"channels needs at least 2 levels, got {self.channels}"),
@@ -89,11 +81,11 @@ class UNetConfig:
                 len(self.strides) == levels - 1,
                 f"strides needs one entry per downsampling ({levels - 1}), got {len(self.strides)}",
             ),
-            (self.skip in SKIPS, f"skip must be one of {SKIPS}, got {self.skip!r}"),
-            (self.context in CONTEXTS, f"context must be one of {CONTEXTS}, got {self.context!r}"),
+            (self.skip in skips, f"skip must be one of {skips}, got {self.skip!r}"),
+            (self.context in contexts, f"context must be one of {contexts}, got {self.context!r}"),
             (
-                self.recalibration in RECALIBRATIONS,
-                f"recalibration must be one of {RECALIBRATIONS}, got {self.recalibration!r}",
+                self.recalibration in recalibrations,
+                f"recalibration must be one of {recalibrations}, got {self.recalibration!r}",
             ),
             (
                 0 <= self.context_levels <= levels,
@@ -104,6 +96,10 @@ class UNetConfig:
                 f"deep_supervision must be in 0..{levels - 2}, got {self.deep_supervision}",
             ),
             (self.kernel_size % 2 == 1, f"kernel_size must be odd, got {self.kernel_size}"),
+            (
+                self.context is not None or not self.context_kwargs,
+                f"context_kwargs {self.context_kwargs} set without a context; set context or drop them",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,6 +107,15 @@ class UNetConfig:
         for s in self.strides:
             if isinstance(s, tuple) and len(s) != self.spatial_dims:
                 raise ValueError(f"stride {s} needs one entry per spatial axis ({self.spatial_dims})")
+        if self.context is not None:
+            options = CONTEXTS[self.context].options(self)
+            unknown = sorted(set(self.context_kwargs) - set(options))
+            if unknown:
+                layer = CONTEXTS[self.context].layer.__name__
+                raise ValueError(
+                    f"context_kwargs {unknown} are not options of context {self.context!r} ({layer}); "
+                    f"valid options: {', '.join(options)}"
+                )
 
     def axis_strides(self) -> list[tuple[int, ...]]:
         """Each downsampling's stride as one int per axis."""
@@ -146,50 +151,31 @@ class _ConvBlock(nn.Sequential):
                 dropout=cfg.dropout or None,
             )
         ]
-        if cfg.recalibration == "se":
-            layers.append(SqueezeExcitation(cfg.spatial_dims, out_channels))
-        elif cfg.recalibration == "scse":
-            layers.append(SpatialChannelSqueezeExcitation(cfg.spatial_dims, out_channels))
+        if cfg.recalibration is not None:
+            layers.append(RECALIBRATIONS[cfg.recalibration].build(cfg, out_channels))
         super().__init__(*layers)
 
 
 class _Context(nn.Module):
-    """Adapts one context module to a common return: (features, {aux name: aux output})."""
+    """One context module at one level, returning (features, {its output name: auxiliary output})."""
 
     def __init__(self, cfg: UNetConfig, channels: int):
         super().__init__()
-        self.kind = cfg.context
-        d, kw = cfg.spatial_dims, dict(cfg.context_kwargs)
-        if self.kind == "dual":
-            self.module = DualAttentionHead(d, channels, channels, norm=cfg.norm, **kw)
-            # DANet's auxiliary losses need class logits from each branch.
-            self.aux_heads = nn.ModuleDict(
-                {"pam": conv(d, channels, cfg.out_channels), "cam": conv(d, channels, cfg.out_channels)}
-            )
-        elif self.kind == "em":
-            self.module = EMAttention(d, channels, norm=cfg.norm, **kw)
-        elif self.kind == "nonlocal":
-            self.module = NonLocalBlock(d, channels, norm=cfg.norm, **kw)
-        elif self.kind == "psa":
-            self.module = PointwiseSpatialAttention(d, channels, norm=cfg.norm, **kw)
-        elif self.kind == "fpa":
-            self.module = FeaturePyramidAttention(d, channels, channels, norm=cfg.norm, **kw)
-        elif self.kind == "encoding":
-            self.module = ContextEncoding(d, channels, num_classes=cfg.out_channels, **kw)
-        else:
-            raise ValueError(f"unknown context {self.kind!r}")
-
-    def aux_names(self) -> list[str]:
-        return {"dual": ["pam", "cam"], "encoding": ["se"]}.get(self.kind, [])
+        spec = CONTEXTS[cfg.context]
+        self.outputs = spec.outputs
+        self.module = spec.build(cfg, channels, **cfg.context_kwargs)
+        self.aux_heads = nn.ModuleDict(
+            {out.name: conv(cfg.spatial_dims, channels, cfg.out_channels) for out in spec.outputs if out.head}
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.kind == "dual":
-            fused, pam, cam = self.module(x)
-            return fused, {"pam": self.aux_heads["pam"](pam), "cam": self.aux_heads["cam"](cam)}
-        if self.kind == "encoding":
-            y, se_logits = self.module(x)
-            return y, {"se": se_logits}
-        return self.module(x), {}
+        if not self.outputs:
+            return self.module(x), {}
+        features, *extra = self.module(x)
+        aux = {}
+        for out, tensor in zip(self.outputs, extra, strict=True):
+            aux[out.name] = self.aux_heads[out.name](tensor) if out.head else tensor
+        return features, aux
 
 
 class UNet(nn.Module):
@@ -208,46 +194,44 @@ class UNet(nn.Module):
         self.contexts = nn.ModuleDict({str(i): _Context(cfg, ch[i]) for i in context_levels})
 
         # Decoder level i (0 = finest) merges the level-(i+1) output with the level-i skip.
+        skip = SKIPS[cfg.skip] if cfg.skip is not None else None
+        self.skip_mode = skip.mode if skip is not None else None
         self.ups = nn.ModuleList()
         self.skips = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for i in range(levels - 1):
-            if cfg.skip == "gau":
-                # GAU carries its own learned upsampling and returns ch[i] channels in place of the concat.
+            if self.skip_mode == "merge":
+                # The module upsamples by itself and returns ch[i] channels in place of the concatenation.
                 self.ups.append(nn.Identity())
-                self.skips.append(GlobalAttentionUpsample(cfg.spatial_dims, ch[i + 1], ch[i], norm=cfg.norm))
-                self.decoders.append(_ConvBlock(cfg, ch[i], ch[i], 1))
-                continue
-            self.ups.append(
-                get_conv_layer(
-                    cfg.spatial_dims,
-                    ch[i + 1],
-                    ch[i],
-                    kernel_size=strides[i],
-                    stride=strides[i],
-                    conv_only=True,
-                    is_transposed=True,
-                )
-            )
-            if cfg.skip == "gate":
-                stride = strides[i]
-                subsample = stride[0] if len(set(stride)) == 1 else stride
-                self.skips.append(AttentionGate(cfg.spatial_dims, ch[i], ch[i + 1], subsample=subsample, norm=cfg.norm))
             else:
-                self.skips.append(nn.Identity())
-            self.decoders.append(_ConvBlock(cfg, 2 * ch[i], ch[i], 1))
+                self.ups.append(
+                    get_conv_layer(
+                        cfg.spatial_dims,
+                        ch[i + 1],
+                        ch[i],
+                        kernel_size=strides[i],
+                        stride=strides[i],
+                        conv_only=True,
+                        is_transposed=True,
+                    )
+                )
+            self.skips.append(skip.build(cfg, i) if skip is not None else nn.Identity())
+            merged = ch[i] if self.skip_mode == "merge" else 2 * ch[i]
+            self.decoders.append(_ConvBlock(cfg, merged, ch[i], 1))
 
         self.head = conv(cfg.spatial_dims, ch[0], cfg.out_channels)
         self.ds_heads = nn.ModuleDict(
             {str(i): conv(cfg.spatial_dims, ch[i], cfg.out_channels) for i in range(1, 1 + cfg.deep_supervision)}
         )
-        aux = [f"ds{i}" for i in range(1, 1 + cfg.deep_supervision)]
-        aux += [f"{name}{level}" for level, ctx in self.contexts.items() for name in ctx.aux_names()]
-        self.output_names = ["logits", *aux]
+        aux = [AuxOutput(f"ds{i}", "deep_supervision", level=i) for i in range(1, 1 + cfg.deep_supervision)]
+        for level, ctx in self.contexts.items():
+            aux += [AuxOutput(f"{out.name}{level}", out.kind, level=int(level), source=out.name) for out in ctx.outputs]
+        self.aux_outputs: list[AuxOutput] = aux
+        self.output_names = ["logits", *(a.name for a in aux)]
 
     @property
     def has_aux(self) -> bool:
-        return len(self.output_names) > 1
+        return bool(self.aux_outputs)
 
     def forward(self, x: torch.Tensor, return_gates: bool = False):
         cfg = self.config
@@ -273,10 +257,10 @@ class UNet(nn.Module):
         h = skips.pop()
         for i in reversed(range(len(self.decoders))):
             skip = skips[i]
-            if cfg.skip == "gau":
+            if self.skip_mode == "merge":
                 merged = self.skips[i](h, skip)
             else:
-                if cfg.skip == "gate":
+                if self.skip_mode == "gate":
                     skip, alpha = self.skips[i](skip, h)  # gated by the coarser decoder output
                     gates.append(alpha)
                 merged = torch.cat([self.ups[i](h), skip], dim=1)
@@ -287,9 +271,9 @@ class UNet(nn.Module):
         logits = self._crop(self.head(h), size)
         if self.training and self.has_aux:
             outputs = [logits]
-            for name in self.output_names[1:]:
-                out = aux[name]
-                outputs.append(self._crop(resize(out, padded), size) if out.ndim > 2 else out)
+            for spec in self.aux_outputs:
+                out = aux[spec.name]
+                outputs.append(self._crop(resize(out, padded), size) if spec.spatial else out)
         else:
             outputs = logits
         if return_gates:
@@ -311,62 +295,78 @@ class UNet(nn.Module):
         return x[(..., *(slice(0, s) for s in size))]
 
 
-def _build(fixed: dict, overrides: dict) -> UNet:
-    return UNet(UNetConfig.from_kwargs(**{**fixed, **overrides}))
+# Variant name -> the U-Net options it fixes.
+_VARIANTS: dict[str, dict[str, Any]] = {}
 
 
-@register_model
+def unet_config(name: str, **overrides: Any) -> UNetConfig:
+    """The UNetConfig that `create_model(name, **overrides)` builds, without building the network: a config file
+    is checked with it before anything runs. Raises ValueError for an unknown name or a bad option."""
+    if name not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return UNetConfig.from_kwargs(**{**_VARIANTS[name], **overrides})
+
+
+def unet_variant(**fixed: Any) -> Callable[[Callable[..., UNet]], Callable[..., UNet]]:
+    """Register a U-Net variant that fixes the options `fixed`. The decorated function gives the variant its name
+    and its docstring (the paper) and has no body; what is registered is `name(**overrides) -> UNet`, whose
+    overrides replace `fixed` and the UNetConfig defaults alike."""
+
+    def register(doc: Callable[..., UNet]) -> Callable[..., UNet]:
+        @functools.wraps(doc)
+        def build(**overrides: Any) -> UNet:
+            return UNet(unet_config(doc.__name__, **overrides))
+
+        register_model(build)
+        _VARIANTS[doc.__name__] = dict(fixed)
+        return build
+
+    return register
+
+
+@unet_variant()
 def unet(**overrides) -> UNet:
     """Plain U-Net, the baseline every attention variant is compared with."""
-    return _build({}, overrides)
 
 
-@register_model
+@unet_variant(skip="gate")
 def attention_unet(**overrides) -> UNet:
     """Attention U-Net (Oktay et al. 2018, arXiv:1804.03999): grid attention gates on every skip connection."""
-    return _build({"skip": "gate"}, overrides)
 
 
-@register_model
+@unet_variant(context="dual")
 def danet(**overrides) -> UNet:
     """DANet (Fu et al. 2019, arXiv:1809.02983): position and channel attention at the bottleneck, with the
     PAM and CAM branch logits as auxiliary outputs."""
-    return _build({"context": "dual"}, overrides)
 
 
-@register_model
+@unet_variant(context="em")
 def emanet(**overrides) -> UNet:
     """EMANet (Li et al. 2019, arXiv:1907.13426): expectation-maximisation attention at the bottleneck."""
-    return _build({"context": "em"}, overrides)
 
 
-@register_model
+@unet_variant(recalibration="se")
 def se_unet(**overrides) -> UNet:
     """Squeeze-excitation (Hu et al. 2018, arXiv:1709.01507) after every conv block."""
-    return _build({"recalibration": "se"}, overrides)
 
 
-@register_model
+@unet_variant(context="nonlocal")
 def nonlocal_unet(**overrides) -> UNet:
     """Non-local block (Wang et al. 2018, arXiv:1711.07971), embedded Gaussian, at the bottleneck."""
-    return _build({"context": "nonlocal"}, overrides)
 
 
-@register_model
+@unet_variant(context="psa")
 def psanet(**overrides) -> UNet:
     """PSANet (Zhao et al. 2018): point-wise spatial attention, collect and distribute, at the bottleneck."""
-    return _build({"context": "psa"}, overrides)
 
 
-@register_model
+@unet_variant(context="fpa", skip="gau")
 def pan(**overrides) -> UNet:
     """PAN (Li et al. 2018, arXiv:1805.10180): feature pyramid attention at the bottleneck and global
     attention upsampling on every skip connection."""
-    return _build({"context": "fpa", "skip": "gau"}, overrides)
 
 
-@register_model
+@unet_variant(context="encoding")
 def encnet(**overrides) -> UNet:
     """EncNet (Zhang et al. 2018, arXiv:1803.08904): context encoding at the bottleneck, with class-presence
     logits for the SE-loss as an auxiliary output."""
-    return _build({"context": "encoding"}, overrides)

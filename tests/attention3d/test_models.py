@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
+from torch import nn
 
-from attention3d import UNetConfig, create_model, list_models
+from attention3d import AuxOutput, UNetConfig, create_model, list_models, unet_config
+from attention3d.models.plugs import CONTEXTS, ContextKind, ContextOutput
 from attention3d.models.unet import UNet
 from tests.conftest import ROOT
 
@@ -78,9 +83,9 @@ def test_every_model_forward_backward(name, shape):
     if model.has_aux:
         assert isinstance(out, list) and len(out) == len(model.output_names)
         assert out[0].shape == logits.shape
-        for o, n in zip(out[1:], model.output_names[1:]):
-            expected = (shape[0], 3) if n.startswith("se") else (shape[0], 3, *shape[2:])
-            assert o.shape == expected, n
+        for o, aux in zip(out[1:], model.aux_outputs):
+            expected = (shape[0], 3, *shape[2:]) if aux.spatial else (shape[0], 3)
+            assert o.shape == expected, aux.name
     else:
         assert isinstance(out, torch.Tensor)
     _loss(out).backward()
@@ -203,3 +208,106 @@ def test_every_config_builds_and_runs(path):
     with torch.no_grad():
         out = model(torch.randn(1, 1, 32, 32, 32))
     assert out.shape == (1, 3, 32, 32, 32)
+
+
+# Key -> shape of every state_dict entry of the nine variants (and of a few non-default builds) as the U-Net built
+# them when the plug points were chosen by if/elif on the kind name: bundles trained then must keep loading.
+LAYOUTS = json.loads((Path(__file__).parent / "state_dict_layouts.json").read_text())
+
+
+def test_the_layouts_cover_every_variant():
+    assert {spec["model"] for spec in LAYOUTS.values()} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("key", sorted(LAYOUTS))
+def test_earlier_state_dicts_load_into_todays_model(key):
+    spec = LAYOUTS[key]
+    model = create_model(spec["model"], **spec["options"])
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    assert list(shapes) == list(spec["state_dict"]), "the same parameter and buffer names, in the same order"
+    assert shapes == spec["state_dict"]
+    earlier = {name: torch.full(shape, 0.25) for name, shape in spec["state_dict"].items()}
+    model.load_state_dict(earlier, strict=True)
+    assert all(bool((t == 0.25).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_aux_outputs_declare_their_kind_level_and_source():
+    model = create_model("danet", channels=(4, 8, 16, 32), strides=(2, 2, 2), context_levels=2, deep_supervision=1)
+    assert model.aux_outputs == [
+        AuxOutput("ds1", "deep_supervision", 1),
+        AuxOutput("pam2", "branch_logits", 2, "pam"),
+        AuxOutput("cam2", "branch_logits", 2, "cam"),
+        AuxOutput("pam3", "branch_logits", 3, "pam"),
+        AuxOutput("cam3", "branch_logits", 3, "cam"),
+    ]
+    assert model.output_names == ["logits", *(a.name for a in model.aux_outputs)]
+    assert create_model("encnet", channels=(4, 8), strides=(2,)).aux_outputs == [
+        AuxOutput("se1", "class_presence", 1, "se")
+    ]
+    assert not create_model("psanet", channels=(4, 8), strides=(2,)).aux_outputs
+    with pytest.raises(ValueError, match="kind must be one of"):
+        AuxOutput("x1", "logits", 1)
+
+
+class _ToyContext(nn.Module):
+    """A context module with one branch of features and one class-presence output, as a table entry sees it."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, scale: float = 1.0):
+        super().__init__()
+        self.mix = (
+            nn.Conv3d(in_channels, in_channels, 1) if spatial_dims == 3 else nn.Conv2d(in_channels, in_channels, 1)
+        )
+        self.presence = nn.Linear(in_channels, num_classes)
+        self.scale = scale
+
+    def forward(self, x):
+        y = self.mix(x) * self.scale
+        return y, y, self.presence(y.flatten(2).mean(-1))
+
+
+def test_a_new_context_module_is_one_table_entry(monkeypatch):
+    entry = ContextKind(
+        _ToyContext,
+        lambda cfg, channels: {
+            "spatial_dims": cfg.spatial_dims,
+            "in_channels": channels,
+            "num_classes": cfg.out_channels,
+        },
+        outputs=(ContextOutput("toy", "branch_logits", head=True), ContextOutput("hit", "class_presence")),
+    )
+    monkeypatch.setitem(CONTEXTS, "toy", entry)
+    model = create_model("unet", channels=(4, 8, 16), strides=(2, 2), context="toy", context_kwargs={"scale": 2.0})
+    assert model.contexts["2"].module.scale == 2.0
+    assert set(model.contexts["2"].aux_heads) == {"toy"}
+    assert model.aux_outputs == [
+        AuxOutput("toy2", "branch_logits", 2, "toy"),
+        AuxOutput("hit2", "class_presence", 2, "hit"),
+    ]
+    out = model.train()(torch.randn(2, 1, 12, 16, 8))
+    assert [tuple(o.shape) for o in out] == [(2, 3, 12, 16, 8), (2, 3, 12, 16, 8), (2, 3)]
+    with pytest.raises(
+        ValueError, match=r"\['scal'\] are not options of context 'toy' \(_ToyContext\); valid options: scale"
+    ):
+        create_model("unet", channels=(4, 8), strides=(2,), context="toy", context_kwargs={"scal": 2.0})
+
+
+def test_context_kwargs_are_checked_against_the_layer():
+    with pytest.raises(
+        ValueError, match=r"\['grdi'\] are not options of context 'psa' .*valid options: inter_channels, grid"
+    ):
+        create_model("psanet", context_kwargs={"grdi": 4})
+    with pytest.raises(ValueError, match="valid options: reduction, act, dropout"):
+        create_model("danet", context_kwargs={"norm": "batch"})  # the U-Net wires the norm itself
+    with pytest.raises(ValueError, match="set without a context"):
+        create_model("unet", context_kwargs={"grid": 4})
+    assert create_model(
+        "encnet", channels=(4, 8), strides=(2,), context_kwargs={"norm": "instance"}
+    ).config.context_kwargs
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_unet_config_is_what_create_model_builds(name):
+    options = {"channels": (4, 8, 16), "strides": (2, (2, 2, 1)), "deep_supervision": 1}
+    assert unet_config(name, **options) == create_model(name, **options).config
+    with pytest.raises(ValueError, match=r"unknown model 'nope'; valid models: attention_unet"):
+        unet_config("nope")

@@ -13,7 +13,6 @@ from attention3d import create_model
 from pipeline.bundle import (
     METADATA,
     WEIGHTS,
-    atomic_write,
     load_bundle,
     load_checkpoint,
     rng_state,
@@ -46,20 +45,6 @@ def _model(name="attention_unet", channels=(4, 8, 16)):
 
 def _cfg(name="attention_unet"):
     return load_config(None, [f"model.name={name}", "model.channels=[4, 8, 16]", "model.strides=[2, 2]"])
-
-
-def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    target = tmp_path / "f.bin"
-    atomic_write(target, lambda p: p.write_bytes(b"old"))
-
-    def broken(p):
-        p.write_bytes(b"half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, broken)
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"], "temporary file left behind"
 
 
 def test_checkpoint_round_trip_restores_rng_exactly(tmp_path):
@@ -156,13 +141,3 @@ def test_corrupt_bundles_are_refused_with_the_file_named(tmp_path, defect):
         match = "has no preprocessing.json"
     with pytest.raises(Seg3dError, match=match):
         load_bundle(folder)
-
-
-def test_atomic_write_gives_the_file_the_mode_a_plain_write_would(tmp_path):
-    """mkstemp makes owner-only files; outputs must be readable by whoever the umask allows (a container's UID writes
-    masks that the hospital's users read)."""
-    plain = tmp_path / "plain.txt"
-    plain.write_text("x")
-    atomic = tmp_path / "atomic.txt"
-    atomic_write(atomic, lambda tmp: tmp.write_text("x"))
-    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.bundle import load_bundle
-from pipeline.data import load_dataset
-from pipeline.evaluate import dice_per_class
+from pipeline.datalists import load_dataset
+from pipeline.metrics import dice_per_class
 from pipeline.predict import Predictor
 
 SEG3D = str(Path(sys.executable).with_name("seg3d"))

@@ -3,7 +3,6 @@ phantom files; a worker killed with SIGKILL mid-epoch and the job restarted by t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from pipeline.cli import main
 from pipeline.distributed import TIMEOUT_ENV, Dist, timeout_from_env
 from pipeline.errors import Seg3dError
 from pipeline.synthetic import synthesize
+from tests.pipeline._rank_report import digest
 
 # 5 cases, 2 folds: fold 0 validates on 3 cases (which do not divide by 2 ranks) and trains on 2 (one per rank).
 TINY = [
@@ -40,11 +40,16 @@ TIMEOUT_S = 420
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _env(report_dir: Path, **extra: str) -> dict[str, str]:
+def _reporting(report_dir: Path) -> list[str]:
+    """torchrun's entry: `seg3d train` on every rank, each writing what its train() returned into `report_dir`."""
+    return ["-m", "tests.pipeline._rank_report", str(report_dir)]
+
+
+def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SEG3D_"))}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return {**env, "OMP_NUM_THREADS": "1", "SEG3D_RANK_REPORT_DIR": str(report_dir), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -78,15 +83,6 @@ def _train_args(data: Path, run_dir: Path, uri: str, experiment: str, config: Pa
     ]
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over (name, raw bytes) of every tensor in name order: the same recipe the rank reports state."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _reports(folder: Path) -> list[dict]:
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -106,7 +102,7 @@ def uninterrupted(store) -> dict:
     root = store["root"]
     run_dir, reports = root / "ddp", root / "reports_ddp"
     args = _train_args(store["data"], run_dir, store["uri"], "ddp-plain", store["config"])
-    done = _run([*TORCHRUN, "-m", "pipeline.cli", *args], _env(reports))
+    done = _run([*TORCHRUN, *_reporting(reports), *args], _env())
     assert done.returncode == 0, done.stdout[-4000:]
     return {"run_dir": run_dir, "reports": reports, "stdout": done.stdout, "args": args}
 
@@ -140,7 +136,7 @@ def test_two_ranks_train_one_model_on_disjoint_cases_with_one_run_and_one_bundle
     # are the weights rank 0 checkpointed.
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and r0["epochs"] == r1["epochs"] == 2
-    assert r0["state_sha256"] == r1["state_sha256"] == _digest(last["model"])
+    assert r0["state_sha256"] == r1["state_sha256"] == digest(last["model"])
     assert len(last["rng_ranks"]) == 2 and not torch.equal(last["rng_ranks"][0]["torch"], last["rng_ranks"][1]["torch"])
 
     # Validation Dice is the mean over the 3 validation cases, each counted once (no padding duplicates).
@@ -167,14 +163,14 @@ def test_two_ranks_train_one_model_on_disjoint_cases_with_one_run_and_one_bundle
 def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_where_an_unbroken_job_does(
     store, uninterrupted, tmp_path
 ):
-    """`seg3d train --nproc 2 --max-restarts 1`; rank 1 SIGKILLs itself at global step 3 (second iteration of the
-    second epoch, after the first epoch's checkpoint) on the first attempt only. torchrun restarts both ranks."""
+    """torchrun with --max-restarts 1, as `seg3d train --nproc 2 --max-restarts 1` starts it (see the next test);
+    rank 1 SIGKILLs itself at global step 3 (second iteration of the second epoch, after the first epoch's
+    checkpoint) on the first attempt only. torchrun restarts both ranks."""
     run_dir, reports = tmp_path / "killed", tmp_path / "reports"
     args = _train_args(store["data"], run_dir, store["uri"], "ddp-killed", store["config"])
-    seg3d = Path(sys.executable).with_name("seg3d")
     done = _run(
-        [str(seg3d), *args, "--nproc", "2", "--max-restarts", "1"],
-        _env(reports, SEG3D_FAULT="train.step:3", SEG3D_FAULT_RANK="1"),
+        [*TORCHRUN, "--max-restarts", "1", *_reporting(reports), *args],
+        _env(SEG3D_FAULT="train.step:3", SEG3D_FAULT_RANK="1"),
     )
     assert done.returncode == 0, done.stdout[-4000:]
     assert "exitcode: -9" in done.stdout, "rank 1 was not killed: the restart path was not exercised"
@@ -191,7 +187,7 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint_and_ends_where_a
 
     # Restarted from the epoch-1 checkpoint with each rank's RNG state: the weights of the unbroken job, bit for bit.
     unbroken = load_checkpoint(uninterrupted["run_dir"] / "checkpoints" / "last.pt")["model"]
-    assert r0["state_sha256"] == r1["state_sha256"] == _digest(unbroken)
+    assert r0["state_sha256"] == r1["state_sha256"] == digest(unbroken)
     wk = load_file(run_dir / "bundle" / "model.safetensors")
     wu = load_file(uninterrupted["run_dir"] / "bundle" / "model.safetensors")
     assert all(torch.equal(wk[k], wu[k]) for k in wu)
@@ -202,7 +198,7 @@ def test_a_user_error_on_rank_0_ends_every_rank_with_the_same_one_line_error(sto
     """The run folder already holds a run and --resume is missing: rank 0 refuses, and rank 1 does not wait."""
     last = uninterrupted["run_dir"] / "checkpoints" / "last.pt"
     before = last.stat().st_mtime_ns
-    done = _run([*TORCHRUN, "-m", "pipeline.cli", *uninterrupted["args"]], _env(store["root"] / "reports_refused"))
+    done = _run([*TORCHRUN, *_reporting(store["root"] / "reports_refused"), *uninterrupted["args"]], _env())
     assert done.returncode != 0
     line = f"seg3d train: error: {uninterrupted['run_dir']} already holds a training run; pass --resume"
     assert done.stdout.count(line) == 2, done.stdout[-3000:]
@@ -243,4 +239,30 @@ def test_nproc_is_checked_before_anything_starts(store, tmp_path, capsys, monkey
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main([*args, "--nproc", "2"]) == 2
     assert "would start torchrun again" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_nproc_starts_torchrun_with_the_training_arguments_unchanged(store, tmp_path, monkeypatch):
+    """`seg3d train --nproc 2 --max-restarts 1` starts the torchrun command the killed-worker test starts, with
+    `python -m pipeline.cli train` and the same training arguments on every rank."""
+    import pipeline.distributed
+    from pipeline.cli import build_parser
+
+    started: list[list[str]] = []
+
+    def run(command, check):
+        started.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(pipeline.distributed.subprocess, "run", run)
+    for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    args = _train_args(store["data"], tmp_path / "r", store["uri"], "ddp-relaunch", store["config"])
+    assert main([*args, "--nproc", "2", "--max-restarts", "1"]) == 0
+    [command] = started
+    assert command[:8] == [*TORCHRUN, "--max-restarts", "1"] and command[8:11] == ["-m", "pipeline.cli", "train"]
+    given, forwarded = vars(build_parser().parse_args(args)), vars(build_parser().parse_args(command[10:]))
+    assert (given.pop("nproc"), given.pop("max_restarts")) == (None, None)
+    assert (forwarded.pop("nproc"), forwarded.pop("max_restarts")) == (None, None)
+    assert forwarded == given
     assert not (tmp_path / "r").exists()

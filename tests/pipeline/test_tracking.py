@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import mlflow
@@ -18,15 +20,12 @@ from mlflow import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from pipeline.errors import Seg3dError
-from pipeline.tracking import (
-    PENDING_FILE,
-    REJECTED_FILE,
-    Tracker,
-    download_artifacts,
-    flatten_params,
-    resolve_tracking_uri,
-)
-from tests.mlflow_server import MlflowServer, free_port
+from pipeline.metric_queue import PENDING_FILE, REJECTED_FILE
+from pipeline.tracking import Tracker, flatten_params
+from pipeline.tracking.store import download_artifacts
+from tests.mlflow_server import MlflowServer, record_http
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = {
     "model": {"name": "attention_unet", "channels": [16, 32, 64], "strides": (2, 2)},
@@ -73,6 +72,22 @@ def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def fresh_python(script: str, **env: str) -> str:
+    """The last line `script` prints in a new interpreter, started as the user's shell would start it: without the
+    MLFLOW_DISABLE_TELEMETRY that the test session set (plus `env`)."""
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"} | env
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[-1]
+
+
 def log_full_run(tracker: Tracker, tmp_path: Path) -> tuple[str, dict[str, bytes], str | None]:
     """The calls a training job makes, in its order; returns (run id, bundle files, registered version)."""
     run_id = tracker.start("unet-fold0", tags={"fold": "0", "dataset": "Task03_Liver"})
@@ -92,20 +107,7 @@ def log_full_run(tracker: Tracker, tmp_path: Path) -> tuple[str, dict[str, bytes
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure functions
-
-
-def test_tracking_uri_precedence_argument_env_default(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert resolve_tracking_uri("http://example:5000") == "http://example:5000"
-    assert resolve_tracking_uri(None) == "http://127.0.0.1:5999"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    default = resolve_tracking_uri(None)
-    # Absolute, so that a later chdir does not open another database.
-    assert default == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert default.startswith("sqlite:////")
-    assert resolve_tracking_uri("sqlite:///runs/m.db?timeout=30") == f"sqlite:///{tmp_path / 'runs/m.db'}?timeout=30"
+# Pure functions, and imports that change nothing
 
 
 def test_flatten_params_dotted_keys_lists_as_strings_and_truncation():
@@ -115,33 +117,43 @@ def test_flatten_params_dotted_keys_lists_as_strings_and_truncation():
     assert long.endswith("...")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# check(): user errors before any compute
+def test_importing_the_tracking_modules_changes_no_environment_variable_and_no_logger_level():
+    # mlflow is imported first: what its own import configures is MLflow's business, what is measured is what seg3d
+    # adds. DO_NOT_TRACK keeps MLflow's telemetry off without the variable that the old import used to set.
+    script = """
+        import json, logging, os
+        import mlflow
+
+        def levels():
+            names = {"mlflow.store.db.utils", "alembic", *logging.root.manager.loggerDict}
+            return {name: logging.getLogger(name).level for name in names}
+
+        env, before = dict(os.environ), levels()
+        import pipeline.metric_queue, pipeline.tracking, pipeline.tracking.store
+        after = levels()
+        print(json.dumps({
+            "environment": sorted(k for k in env.keys() | os.environ.keys() if env.get(k) != os.environ.get(k)),
+            "levels": sorted(name for name in before if before[name] != after[name]),
+        }))
+    """
+    assert json.loads(fresh_python(script, DO_NOT_TRACK="true")) == {"environment": [], "levels": []}
 
 
-def test_check_unreachable_server_raises_within_seconds(tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"
-    tracker = Tracker(uri, "unreachable", tmp_path)
-    started = time.monotonic()
-    with pytest.raises(Seg3dError, match=r"does not answer .*start it, or omit --tracking-uri") as excinfo:
-        tracker.check()
-    assert time.monotonic() - started < 10
-    assert uri in str(excinfo.value)
+@pytest.mark.parametrize(("given", "expected"), [(None, "true"), ("false", "false")])
+def test_the_seg3d_command_turns_mlflow_telemetry_off_unless_the_user_chose(given, expected):
+    # The entry point, not an import, sets the process-wide default, before any command can import mlflow.
+    script = """
+        import os
+        from pipeline.cli import main
 
-
-def test_check_sqlite_store_location(tmp_path):
-    # Missing folders are fine (MLflow creates them), and check() itself creates nothing.
-    Tracker(f"sqlite:///{tmp_path / 'new' / 'deeper' / 'mlflow.db'}", "x", tmp_path).check()
-    assert not (tmp_path / "new").exists()
-    (tmp_path / "a_file").write_text("")
-    with pytest.raises(Seg3dError, match=r"a_file is a file.*choose another --tracking-uri"):
-        Tracker(f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}", "x", tmp_path).check()
-    read_only = tmp_path / "ro"
-    read_only.mkdir(mode=0o555)
-    if os.access(read_only, os.W_OK):
-        pytest.skip("running as root: folder permissions are not enforced, the read-only case cannot be made")
-    with pytest.raises(Seg3dError, match=r"ro is read-only\); fix its permissions"):
-        Tracker(f"sqlite:///{read_only / 'mlflow.db'}", "x", tmp_path).check()
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
+        print(os.environ.get("MLFLOW_DISABLE_TELEMETRY"))
+    """
+    env = {} if given is None else {"MLFLOW_DISABLE_TELEMETRY": given}
+    assert fresh_python(script, **env) == expected
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +279,7 @@ def test_server_run_round_trip(mlflow_server, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_server_dies_mid_run_metrics_wait_and_arrive_once(tmp_path, caplog):
+def test_server_dies_mid_run_metrics_wait_and_arrive_once(tmp_path, caplog, monkeypatch):
     server = MlflowServer(tmp_path / "server")
     try:
         uri = server.start()
@@ -278,11 +290,14 @@ def test_server_dies_mid_run_metrics_wait_and_arrive_once(tmp_path, caplog):
         tracker.log_metrics({"loss": 1.0, "dice": 0.1}, step=0)
 
         server.stop(kill=True)
+        sent = record_http(monkeypatch)
         with caplog.at_level(logging.WARNING, logger="seg3d.tracking"):
             for step in (1, 2):
-                started = time.monotonic()
                 tracker.log_metrics({"loss": 1.0 / (step + 1), "dice": 0.1 * (step + 1)}, step=step)
-                assert time.monotonic() - started < 15  # bounded retries: seconds, not MLflow's minutes
+        # One request per call, under the bounds (not MLflow's 7 retries and 120 s), and the server reported dead.
+        assert [r.url for r in sent] == [f"{uri}/api/2.0/mlflow/runs/log-batch"] * 2
+        assert all(r.retries <= 1 and 0 < r.timeout <= 10 for r in sent)
+        assert f"MLflow at {uri} did not take metrics" in caplog.text and "Connection refused" in caplog.text
         pending = run_dir / PENDING_FILE
         assert str(pending) in caplog.text
         waiting = [json.loads(line) for line in pending.read_text().splitlines()]

@@ -10,8 +10,8 @@ from monai.data import MetaTensor
 from torch import nn
 
 from pipeline.config import InferenceConfig, load_config
-from pipeline.data import CaseInfo
 from pipeline.errors import Seg3dError
+from pipeline.integrity import CaseInfo
 from pipeline.predict import Predictor
 from pipeline.synthetic import CaseSpec, make_phantom, to_nifti
 from pipeline.transforms import (
@@ -179,7 +179,7 @@ def test_prediction_lands_in_the_inputs_own_grid(phantom, code):
     come back in the file's own voxel grid, and match where the CT really is bright (bone, > 200 HU)."""
     paths, *_ = phantom
     pre = _pre(clip=(-1000.0, 1000.0), mean=0.0, std=100.0)
-    predictor = Predictor(_Threshold(2.0), pre, (48, 48, 16), InferenceConfig(), None, "cpu", "fp32")
+    predictor = Predictor(_Threshold(2.0), pre, patch_size=(48, 48, 16), inference=InferenceConfig(), precision="fp32")
     pred = predictor.predict_file(paths[code][0])
     stored = nib.load(paths[code][0])
     assert pred.labels.shape == stored.shape and pred.labels.dtype == np.uint8

@@ -1,9 +1,8 @@
-"""Datalists and their integrity check.
+"""Datalists: which cases a dataset holds, where their files are, what their labels mean, and how they split.
 
 A dataset comes as an MSD `dataset.json` (or its folder), a folder with images/ and labels/ (nnU-Net's
-`_0000` channel suffix allowed, DICOM series as sub-folders) or a CSV `case,image,label`. `check_dataset`
-reads every case and reports every problem with its case id, in the manner of nnU-Net's
-`verify_dataset_integrity`, so a user fixes a dataset in one pass rather than one crash at a time.
+`_0000` channel suffix allowed, DICOM series as sub-folders) or a CSV `case,image,label`. Reading the voxels and
+checking them is `pipeline.integrity`'s job; this module only lists.
 """
 
 from __future__ import annotations
@@ -14,22 +13,20 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import Seg3dError
-from pipeline.imageio import AFFINE_TOL, Volume, read_volume, to_ras
+from pipeline.fileio import NIFTI_SUFFIXES, is_nifti, nifti_stem
 
 MSD_PANCREAS_LABELS = {"background": 0, "pancreas": 1, "cancer": 2}
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DATASET_FORMS = (
     "an MSD dataset.json (or the folder holding it), a folder with images/ and labels/ sub-folders "
     "(or imagesTr/ and labelsTr/), or a CSV file with the header case,image,label"
 )
-HU_MIN, HU_MAX = -2048.0, 32767.0  # beyond these no CT scanner stores HU: a wrong rescale or not CT
-FOREGROUND_SAMPLE = 10_000  # intensities kept per case for dataset-wide statistics, as nnU-Net does
 
 
 @dataclass(frozen=True)
@@ -76,9 +73,9 @@ def remap_labels(label: np.ndarray, labels: dict[str, int], exhaustive: bool, ca
     TotalSegmentator map trains as class 1. Exhaustive labels make any other value an error."""
     if label.dtype.kind == "f" and not (np.isfinite(label).all() and np.array_equal(label, np.round(label))):
         raise Seg3dError("label map holds non-integer values; a label map stores whole class ids", case=case)
-    unknown = _undeclared_values(label, labels.values()) if exhaustive else []
+    unknown = undeclared_values(label, labels.values()) if exhaustive else []
     if unknown:
-        raise Seg3dError(_undeclared_message(unknown, labels), case=case)
+        raise Seg3dError(undeclared_message(unknown, labels), case=case)
     out = np.zeros(label.shape, dtype=np.uint8)
     for index, value in enumerate(labels.values()):
         if value != 0:
@@ -152,11 +149,7 @@ def list_images(path: Path | str) -> list[Case]:
 
 def case_id(path: Path) -> str:
     """The file name without .nii.gz/.nii and without nnU-Net's single-channel suffix _0000."""
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = nifti_stem(path)
     return name[:-5] if name.endswith("_0000") else name
 
 
@@ -253,7 +246,7 @@ def _nifti_or_series(folder: Path, series_allowed: bool) -> dict[str, Path]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):  # macOS "._x.nii.gz" resource forks ship inside the MSD tarballs
             continue
-        if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES):
+        if p.is_file() and is_nifti(p):
             name = case_id(p)
         elif p.is_dir() and series_allowed:
             name = p.name
@@ -311,124 +304,12 @@ def _load_csv(path: Path) -> tuple[list[Case], list[Case]]:
     return cases, test
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Integrity check
-
-
-@dataclass
-class Finding:
-    level: str  # "error" | "warning" | "info"
-    case: str
-    message: str
-
-
-@dataclass
-class CaseInfo:
-    case: str
-    shape_ras: tuple[int, int, int]
-    spacing_ras: tuple[float, float, float]
-    orientation: str  # axis codes as stored, e.g. "LPS"
-    hu_range: tuple[float, float]
-    label_voxels: dict[str, int]  # per class name, after remap; empty without a label
-    foreground_sample: np.ndarray = field(repr=False)  # float32, <= FOREGROUND_SAMPLE intensities under the label
-
-
-_TAGS = {"error": "ERROR", "warning": "WARN", "info": "INFO"}
-
-
-@dataclass
-class Report:
-    findings: list[Finding]
-    infos: list[CaseInfo]
-
-    @property
-    def ok(self) -> bool:
-        return not any(f.level == "error" for f in self.findings)
-
-    def summary(self) -> dict:
-        """Dataset-wide numbers in RAS, the way nnU-Net's fingerprint reports them: they decide target
-        spacing, patch size and intensity normalisation."""
-        counts = {level: sum(f.level == level for f in self.findings) for level in _TAGS}
-        out: dict = {
-            "cases": len({i.case for i in self.infos} | {f.case for f in self.findings}),
-            "readable": len(self.infos),
-            "errors": counts["error"],
-            "warnings": counts["warning"],
-            "notes": counts["info"],
-            "median_spacing": None,
-            "size_min": None,
-            "size_max": None,
-            "label_voxels": {},
-            "foreground_hu": None,
-        }
-        if self.infos:
-            shapes = np.array([i.shape_ras for i in self.infos])
-            out["median_spacing"] = tuple(float(s) for s in np.median([i.spacing_ras for i in self.infos], axis=0))
-            out["size_min"] = tuple(int(s) for s in shapes.min(0))
-            out["size_max"] = tuple(int(s) for s in shapes.max(0))
-            for info in self.infos:
-                for name, n in info.label_voxels.items():
-                    out["label_voxels"][name] = out["label_voxels"].get(name, 0) + n
-        sample = np.concatenate([i.foreground_sample for i in self.infos]) if self.infos else np.zeros(0)
-        if sample.size:
-            p = np.percentile(sample, [0.5, 50, 99.5])
-            out["foreground_hu"] = {
-                "mean": float(sample.mean()),
-                "std": float(sample.std()),
-                "p0.5": float(p[0]),
-                "median": float(p[1]),
-                "p99.5": float(p[2]),
-            }
-        return out
-
-    def format(self) -> str:
-        lines = [f"{_TAGS[f.level]:<5}  {f.case}: {f.message}" for f in self.findings]
-        s = self.summary()
-        if lines:
-            lines.append("")
-        lines.append(f"cases: {s['cases']} ({s['readable']} readable)")
-        if s["median_spacing"]:
-            lines.append("median spacing (RAS, mm): " + " x ".join(f"{v:.3g}" for v in s["median_spacing"]))
-            lines.append(
-                "size range (RAS, voxels): "
-                + " x ".join(f"{lo}..{hi}" if lo != hi else f"{lo}" for lo, hi in zip(s["size_min"], s["size_max"]))
-            )
-        if s["label_voxels"]:
-            lines.append("voxels per label: " + ", ".join(f"{k} {v:,}" for k, v in s["label_voxels"].items()))
-        if s["foreground_hu"]:
-            hu = s["foreground_hu"]
-            lines.append(
-                f"foreground HU: mean {hu['mean']:.1f}, sd {hu['std']:.1f}, median {hu['median']:.1f}, "
-                f"0.5-99.5% {hu['p0.5']:.1f}..{hu['p99.5']:.1f}"
-            )
-        verdict = "usable" if self.ok else "NOT usable"
-        lines.append(f"{verdict}: {s['errors']} errors, {s['warnings']} warnings, {s['notes']} notes")
-        return "\n".join(lines)
-
-
-def check_dataset(dataset: Dataset, include_test: bool = True) -> Report:
-    """Read every case and report every problem, each with its case id; nothing stops at the first."""
-    findings: list[Finding] = []
-    infos: list[CaseInfo] = []
-    for case in dataset.cases + (dataset.test if include_test else []):
-        info = _check_case(dataset, case, findings)
-        if info is not None:
-            infos.append(info)
-    return Report(findings=findings, infos=infos)
-
-
-def _geometry(v: Volume) -> str:
-    sp = " x ".join(f"{s:.4g}" for s in v.spacing)
-    origin = ", ".join(f"{o:.2f}" for o in v.affine[:3, 3])
-    return f"shape {tuple(v.array.shape)}, spacing {sp} mm, origin ({origin}) mm RAS, axes {v.axcodes}"
-
-
-def _undeclared_values(label: np.ndarray, declared) -> list:
+def undeclared_values(label: np.ndarray, declared) -> list:
     known = np.isin(label, np.fromiter(declared, dtype=np.float64))
     return [] if known.all() else np.unique(label[~known]).tolist()
 
 
-def _undeclared_message(values: list, labels: dict[str, int]) -> str:
+def undeclared_message(values: list, labels: dict[str, int]) -> str:
     shown = ", ".join(f"{v:g}" for v in values[:20]) + (f" and {len(values) - 20} more" if len(values) > 20 else "")
     declared = ", ".join(f"{k}={v}" for k, v in labels.items())
     return (
@@ -437,138 +318,15 @@ def _undeclared_message(values: list, labels: dict[str, int]) -> str:
     )
 
 
-def _check_case(dataset: Dataset, case: Case, findings: list[Finding]) -> CaseInfo | None:
-    cid = case.case
-
-    def report(level: str, message: str) -> None:
-        findings.append(Finding(level, cid, message))
-
-    def read(path: Path, kind: str) -> Volume | None:
-        try:
-            volume = read_volume(path, case=cid, kind=kind)
-        except Seg3dError as err:
-            report("error", str(err).removeprefix(f"{cid}: "))
-            return None
-        for note in volume.notes:
-            report(getattr(note, "level", "info"), str(note))
-        return volume
-
-    image = read(case.image, "image")
-    label = read(case.label, "label") if case.label is not None else None
-
-    hu_range = (float("nan"), float("nan"))
-    if image is not None:
-        hu_range = _check_intensities(image.array, report)
-        if image.axcodes != "RAS":
-            report("info", f"image stored {image.axcodes}; reoriented to RAS for training (no resampling)")
-        if min(image.array.shape) < 2:
-            report("warning", f"image has a single slice along an axis, shape {image.array.shape}")
-
-    remapped = None
-    if label is not None:
-        remapped = _check_label(dataset, label.array, report)
-    if image is None:
-        return None
-
-    image_ras = to_ras(image)
-    label_voxels: dict[str, int] = {}
-    sample = np.zeros(0, dtype=np.float32)
-    if label is not None:
-        label_ras = to_ras(label)
-        differs = _grid_differences(image, label, image_ras, label_ras)
-        if differs:
-            report(
-                "error",
-                f"image and label grids differ ({', '.join(differs)}) after reorientation to RAS: "
-                f"image {_geometry(image)}; label {_geometry(label)}; the label must lie on the image's voxel grid "
-                "(resample it with nearest neighbour onto the image, or fix the header that is wrong)",
-            )
-        elif remapped is not None:
-            remapped_ras = to_ras(Volume(remapped, label.affine)).array
-            counts = np.bincount(remapped_ras.ravel(), minlength=len(dataset.labels))
-            label_voxels = {name: int(n) for name, n in zip(dataset.class_names, counts)}
-            sample = _foreground_sample(image_ras.array, remapped_ras)
-    return CaseInfo(
-        case=cid,
-        shape_ras=tuple(int(n) for n in image_ras.array.shape),
-        spacing_ras=tuple(round(float(s), 6) for s in image_ras.spacing),
-        orientation=image.axcodes,
-        hu_range=hu_range,
-        label_voxels=label_voxels,
-        foreground_sample=sample,
-    )
-
-
-def _check_intensities(array: np.ndarray, report) -> tuple[float, float]:
-    finite = np.isfinite(array)
-    if not finite.all():
-        n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
-        report("error", f"image has {n_nan} NaN and {n_inf} Inf voxels; re-export it from the original scan")
-        if not finite.any():
-            return float("nan"), float("nan")
-        array = array[finite]
-    lo, hi = float(array.min()), float(array.max())
-    if lo > -100 and hi < 100:
-        report(
-            "error",
-            f"intensities {lo:.3g}..{hi:.3g} look normalised, not HU (CT has air near -1000); "
-            "give the original HU image: the pipeline normalises itself",
+def kfold_split(case_ids: list[str], folds: int, fold: int, seed: int) -> dict[str, Any]:
+    """Seeded k-fold over the sorted case ids: the same cases, folds and seed give the same split anywhere."""
+    ids = sorted(case_ids)
+    if len(ids) < folds:
+        raise Seg3dError(
+            f"{len(ids)} labelled case(s) cannot make {folds} folds; set train.folds to at most {len(ids)} "
+            "(and at least 2), or add cases"
         )
-    elif lo < HU_MIN or hi > HU_MAX:
-        report(
-            "error",
-            f"intensities {lo:.6g}..{hi:.6g} lie beyond [{HU_MIN:g}, {HU_MAX:g}], which no CT stores as HU; "
-            "check the rescale slope/intercept or that this is CT",
-        )
-    elif lo > -900:
-        report("warning", f"no air below -900 HU (range {lo:.0f}..{hi:.0f}); a tight crop, or not HU?")
-    return lo, hi
-
-
-def _check_label(dataset: Dataset, label: np.ndarray, report) -> np.ndarray | None:
-    """Value checks on the label alone, so they are reported even when the image is unreadable."""
-    if np.issubdtype(label.dtype, np.floating):
-        bad = ~np.isfinite(label) | (label != np.round(label))
-        if bad.any():
-            examples = ", ".join(f"{v:g}" for v in np.unique(label[bad])[:5])
-            report(
-                "error",
-                f"label has {int(bad.sum())} non-integer voxels (e.g. {examples}); a label map holds class values "
-                "only: was it resampled with linear interpolation? Use nearest neighbour",
-            )
-            return None
-    if dataset.exhaustive:
-        unknown = _undeclared_values(label, dataset.labels.values())
-        if unknown:
-            report("error", _undeclared_message(unknown, dataset.labels))
-            return None
-    remapped = dataset.remap(label)
-    if not remapped.any():
-        selected = ", ".join(f"{k}={v}" for k, v in dataset.labels.items() if v)
-        report("warning", f"no foreground: the label holds background only (classes {selected})")
-    return remapped
-
-
-def _grid_differences(image: Volume, label: Volume, image_ras: Volume, label_ras: Volume) -> list[str]:
-    """What differs between the two voxel grids once both are in RAS; empty when they coincide, whatever
-    orientation each file is stored in."""
-    if image_ras.array.shape == label_ras.array.shape and np.allclose(
-        image_ras.affine, label_ras.affine, atol=AFFINE_TOL
-    ):
-        return []
-    directions = [v.affine[:3, :3] / np.linalg.norm(v.affine[:3, :3], axis=0) for v in (image_ras, label_ras)]
-    checks = {
-        "shape": image_ras.array.shape != label_ras.array.shape,
-        "spacing": not np.allclose(image_ras.spacing, label_ras.spacing, atol=AFFINE_TOL),
-        "direction": image.axcodes != label.axcodes or not np.allclose(*directions, atol=AFFINE_TOL),
-        "origin": not np.allclose(image_ras.affine[:3, 3], label_ras.affine[:3, 3], atol=AFFINE_TOL),
-    }
-    return [name for name, differs in checks.items() if differs]
-
-
-def _foreground_sample(image: np.ndarray, label: np.ndarray) -> np.ndarray:
-    values = image[label > 0]
-    if values.size > FOREGROUND_SAMPLE:
-        rng = np.random.default_rng(0)
-        values = values[np.sort(rng.choice(values.size, FOREGROUND_SAMPLE, replace=False))]
-    return values.astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = np.array_split(order, folds)
+    val = sorted(ids[i] for i in parts[fold])
+    return {"folds": folds, "fold": fold, "seed": seed, "train": [c for c in ids if c not in set(val)], "val": val}

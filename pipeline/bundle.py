@@ -11,6 +11,11 @@ The bundle is a directory that inference needs and nothing else:
     config.yaml           the resolved training config
     preprocessing.json    target spacing, intensity statistics, labels (pipeline.transforms.Preprocessing)
     metadata.json         bundle format, model name and its full U-Net config, versions, provenance
+
+A bundle's numbers are not trusted: load_bundle checks every record as strictly as a training config
+(pipeline/bundle_checks.py, pipeline/config.py), the weights' names, shapes, types and finiteness, and builds the
+network only within a memory budget set by the weights file; save_bundle loads what it wrote before it moves it into
+place, so no bundle seg3d writes (or registers) fails to load.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from attention3d import UNet, UNetConfig
-from pipeline import faults
+from pipeline.bundle_checks import checked_unet
 from pipeline.config import Config, config_from_dict
-from pipeline.errors import Seg3dError
-from pipeline.fileio import atomic_write, fsync_dir, make_temporary_dir
+from pipeline.errors import Seg3dError, one_line, shown
+from pipeline.fileio import atomic_write, make_temporary_dir, move_folder_into_place
 from pipeline.transforms import Preprocessing
+from pipeline.yamlio import config_mapping, read_text
 
 BUNDLE_FORMAT = 1
 WEIGHTS, CONFIG, PREPROCESSING, METADATA = "model.safetensors", "config.yaml", "preprocessing.json", "metadata.json"
@@ -99,19 +106,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict with a message that names the file and the first tensor that does not fit."""
+    """load_state_dict with a message that names the file and the first tensor that does not fit (name, shape, or a
+    type load_state_dict cannot convert: a complex tensor for a float weight)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or wrong:
+    kinds = [k for k in own if k in state and own[k].is_floating_point() != state[k].is_floating_point()]
+    kinds += [k for k in own if k in state and state[k].is_complex()]
+    if missing or unexpected or wrong or kinds:
         if wrong:
             k = wrong[0]
-            detail = f"tensor {k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+            detail = f"tensor {shown(k)} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+        elif kinds:
+            k = kinds[0]
+            detail = f"tensor {shown(k)} is {state[k].dtype}, the model expects {own[k].dtype}"
         elif missing:
-            detail = f"{len(missing)} tensor(s) missing, e.g. {missing[0]}"
+            detail = f"{len(missing)} tensor(s) missing, e.g. {shown(missing[0])}"
         else:
-            detail = f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}"
+            detail = f"{len(unexpected)} unexpected tensor(s), e.g. {shown(unexpected[0])}"
         raise Seg3dError(f"weights in {source} do not fit the model ({detail}); is it from another model variant?")
     model.load_state_dict(state)
 
@@ -148,7 +161,8 @@ def _versions() -> dict[str, str]:
 def save_bundle(
     folder: Path, model: UNet, cfg: Config, pre: Preprocessing, provenance: dict[str, Any] | None = None
 ) -> Path:
-    """Write the bundle into a temporary sibling folder, then move it into place."""
+    """Write the bundle into a temporary sibling folder, load it back with every check of load_bundle, then move it
+    into place: a bundle that would not load is never written (a Seg3dError says why, and the old one stays)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temporary_dir(folder)
@@ -170,49 +184,137 @@ def save_bundle(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        faults.point(f"write.{folder.name}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            with torch.random.fork_rng(devices=[]):  # building the check's network must not move the caller's RNG
+                _load(tmp, shown_as=folder)
+        except Seg3dError as err:
+            reason = str(err).removesuffix(f"; {DAMAGED}")
+            raise Seg3dError(
+                f"not writing {reason}: the bundle would not load (a bundle already there is kept)"
+            ) from None
+        move_folder_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
 def load_bundle(folder: Path | str, device: str | torch.device = "cpu") -> Bundle:
-    """Rebuild the trained model from a bundle; reads JSON, YAML and safetensors only (never unpickles)."""
+    """Rebuild the trained model from a bundle; reads JSON, YAML and safetensors only (never unpickles), and checks
+    every record and tensor first (module docstring): a damaged bundle is a one-line Seg3dError naming the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise Seg3dError(f"model bundle {folder} not found (a bundle is a folder: RUN_DIR/bundle)")
+    bundle = _load(folder, shown_as=folder)
+    bundle.model = bundle.model.to(device)
+    return bundle
+
+
+DAMAGED = "the bundle is damaged: re-export it from its run"
+# The network a bundle describes may take this many bytes beyond twice its weights file (float16 weights fill a
+# float32 network of twice their size); buffers that are not saved (attention constants) fit in it many times.
+BUILD_MARGIN = 64 * 2**20
+
+
+def _load(folder: Path, shown_as: Path) -> Bundle:
+    """Read and check the bundle in `folder`, naming it `shown_as` in messages (save_bundle checks a temporary)."""
     for name in (WEIGHTS, CONFIG, PREPROCESSING, METADATA):
         if not (folder / name).is_file():
-            raise Seg3dError(f"model bundle {folder} has no {name}; it is incomplete or not a seg3d bundle")
-    try:
-        metadata = json.loads((folder / METADATA).read_text())
-        pre = Preprocessing.from_json((folder / PREPROCESSING).read_text())
-        raw_cfg = yaml.safe_load((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, yaml.YAMLError, TypeError, KeyError) as err:
-        raise Seg3dError(f"model bundle {folder}: unreadable metadata ({type(err).__name__}); re-export it") from None
+            raise Seg3dError(f"model bundle {shown_as} has no {name}; it is incomplete or not a seg3d bundle")
+
+    def where(name: str) -> str:
+        return f"model bundle {shown_as}: {name}"
+
+    metadata = _read_json(folder / METADATA, where(METADATA))
+    if not isinstance(metadata, dict):
+        raise Seg3dError(f"{where(METADATA)}: must be a JSON object, got {type(metadata).__name__}; {DAMAGED}")
     fmt = metadata.get("bundle_format")
     if fmt != BUNDLE_FORMAT:
+        versions = metadata.get("versions")
+        made_by = versions.get("seg3d", "?") if isinstance(versions, dict) else "?"
+        made_by = " ".join(str(made_by).split())[:30]  # one line, a few characters: it is text from the file
         raise Seg3dError(
-            f"model bundle {folder} has format {fmt!r}, this seg3d reads format {BUNDLE_FORMAT} "
-            f"(made by seg3d {metadata.get('versions', {}).get('seg3d', '?')}); use a matching seg3d version"
+            f"model bundle {shown_as}: {METADATA} has format {shown(fmt)}, this seg3d reads format {BUNDLE_FORMAT} "
+            f"(made by seg3d {made_by}); use a matching seg3d version"
         )
-    cfg = config_from_dict(raw_cfg, source=str(folder / CONFIG))
     try:
-        unet_cfg = UNetConfig.from_kwargs(**metadata["unet_config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise Seg3dError(f"model bundle {folder}: metadata.json has no valid unet_config ({err})") from None
-    model = UNet(unet_cfg)
+        pre = Preprocessing.from_json(read_text(folder / PREPROCESSING, where(PREPROCESSING)), where(PREPROCESSING))
+        cfg = _read_config(folder / CONFIG, where(CONFIG))
+    except Seg3dError as err:
+        raise Seg3dError(f"{err}; {DAMAGED}") from None
+    try:
+        unet_cfg = checked_unet(metadata, model_name=cfg.model.name, num_classes=pre.num_classes)
+    except Seg3dError as err:
+        raise Seg3dError(f"{where(METADATA)}: {err}; {DAMAGED}") from None
+    model = _build(unet_cfg, limit=2 * (folder / WEIGHTS).stat().st_size + BUILD_MARGIN, where=where(METADATA))
     try:
         state = load_file(folder / WEIGHTS, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise Seg3dError(
-            f"weights {folder / WEIGHTS} cannot be read ({err}); the file is truncated or corrupt"
+            f"weights {shown_as / WEIGHTS} cannot be read ({one_line(err, 120)}); the file is truncated or corrupt"
         ) from None
-    load_state_dict_checked(model, state, folder / WEIGHTS)
-    return Bundle(model=model.to(device).eval(), config=cfg, preprocessing=pre, metadata=metadata, path=folder)
+    load_state_dict_checked(model, state, shown_as / WEIGHTS)
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise Seg3dError(f"weights {shown_as / WEIGHTS}: tensor {shown(bad)} holds NaN or Inf values; {DAMAGED}")
+    return Bundle(model=model.eval(), config=cfg, preprocessing=pre, metadata=metadata, path=Path(shown_as))
+
+
+def _read_json(path: Path, where: str) -> Any:
+    try:
+        return json.loads(read_text(path, where))
+    except (ValueError, RecursionError) as err:  # bad JSON, a 5000-digit integer, nesting without end
+        raise Seg3dError(f"{where}: not valid JSON ({one_line(err, 80)}); {DAMAGED}") from None
+
+
+def _read_config(path: Path, where: str) -> Config:
+    """The bundle's config.yaml, validated by the training config's own rules. It is the resolved config, every
+    section written out, so a missing section means a cut file, not a default to fill in. (Post-processing rules
+    that name a class the model lacks are refused when a Predictor is built with them: --no-postprocess still runs.)"""
+    raw = config_mapping(read_text(path, where), where)
+    missing = [k for k in Config.model_fields if k not in raw]
+    if missing:
+        raise Seg3dError(f"{where}: '{missing[0]}' is missing (a bundle stores the whole resolved config)")
+    return config_from_dict(raw, where)
+
+
+class _AllocationLimit(TorchFunctionMode):
+    """Counts the bytes every tensor factory call asks for while a network is constructed, measured on the meta
+    device before the real allocation, and stops the construction once they pass `limit`: the network a
+    metadata.json describes cannot be larger than the weights file meant to fill it, so 4096 channels on every level
+    beside a kilobyte of weights is refused before any memory is taken."""
+
+    FACTORIES = frozenset(
+        {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.tensor, torch.empty_strided}
+    )
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.left = limit
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES:
+            # rand and randn are probed as empty of the same size: their meta path imports sympy (a second).
+            random = func in (torch.rand, torch.randn)
+            probe_kwargs = {k: v for k, v in kwargs.items() if not (random and k == "generator")}
+            probe = (torch.empty if random else func)(*args, **{**probe_kwargs, "device": "meta"})
+            self.left -= probe.numel() * probe.element_size()
+            if self.left < 0:
+                raise _TooLarge
+        return func(*args, **kwargs)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _build(cfg: UNetConfig, limit: int, where: str) -> UNet:
+    try:
+        with _AllocationLimit(limit):
+            return UNet(cfg)
+    except _TooLarge:
+        raise Seg3dError(
+            f"{where}: 'unet_config' describes a network larger than the weights file could fill; {DAMAGED}"
+        ) from None
+    except Exception as err:  # MONAI's layer factories raise KeyError, TypeError, ... for an option they do not know
+        raise Seg3dError(f"{where}: 'unet_config' does not build ({one_line(err, 120)}); {DAMAGED}") from None

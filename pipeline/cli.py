@@ -5,196 +5,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
+from pipeline.commands import (
+    _cmd_check_data,
+    _cmd_demo,
+    _cmd_doctor,
+    _cmd_evaluate,
+    _cmd_export,
+    _cmd_infer,
+    _cmd_model_info,
+    _cmd_models,
+    _cmd_study,
+    _cmd_synth,
+    _cmd_train,
+)
 from pipeline.errors import Seg3dError
-
-
-def _cmd_models(args: argparse.Namespace) -> int:
-    from pipeline.summary import models_table
-
-    rows = models_table()
-    print(f"{'model':<16}{'params':>10}  {'attention plug points':<28}aux outputs (train mode)")
-    for r in rows:
-        print(f"{r['model']:<16}{r['params_M']:>9.2f}M  {r['plug_points']:<28}{r['aux_outputs']}")
-    return 0
-
-
-def _cmd_model_info(args: argparse.Namespace) -> int:
-    from pipeline.summary import demo_summary
-
-    channels = tuple(int(c) for c in args.channels.split(","))
-    s = demo_summary(name=args.model, patch=args.patch, channels=channels, seed=args.seed)
-    print(f"{s['model']} ({s['plug_points']}), {s['params']:,} parameters")
-    print(
-        f"  input {s['input']} -> logits {s['logits']}, {s['gflops']:.2f} GFLOPs, forward {s['forward_s']:.2f} s (CPU)"
-    )
-    print(f"  train-mode outputs: {', '.join(s['train_outputs'])}; one backward step, loss {s['loss']:.3f}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-
-    overrides = list(args.overrides)
-    if args.labels:
-        from pipeline.datalists import parse_labels
-
-        selected = {k: v for k, v in parse_labels(args.labels).items() if k != "background"}
-        overrides.append("data.labels={" + ", ".join(f"{k}: {v}" for k, v in selected.items()) + "}")
-    cfg = None
-    if args.config is not None or not args.resume:
-        if args.config is None:
-            raise Seg3dError("--config is required for a new run (e.g. --config configs/attention_unet.yaml)")
-        cfg = load_config(args.config, overrides)
-    elif overrides:
-        raise Seg3dError("--resume without --config takes no overrides: a resumed run keeps its stored config")
-    if args.nproc is not None or args.max_restarts is not None:
-        from pipeline.distributed import relaunch_under_torchrun
-
-        forwarded = ["--data", str(args.data), "--output", str(args.output)]
-        named = {"--config": args.config, "--tracking-uri": args.tracking_uri, "--labels": args.labels}
-        for flag, value in named.items():
-            forwarded += [flag, str(value)] if value is not None else []
-        forwarded += ["--resume"] if args.resume else []
-        return relaunch_under_torchrun(
-            nproc=1 if args.nproc is None else args.nproc,
-            max_restarts=0 if args.max_restarts is None else args.max_restarts,
-            train_args=[*forwarded, *args.overrides],
-        )
-    from pipeline.train import train  # after the relaunch: the launching process needs none of it
-
-    result = train(
-        cfg, args.data, args.output, tracking_uri=args.tracking_uri, resume=args.resume, config_path=args.config
-    )
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun, rank 0 reports for all
-    best = f"best mean foreground Dice {result.best_dice:.3f} at epoch {result.best_epoch + 1}"
-    print(f"done: {result.epochs} epochs, {best}" if result.best_epoch >= 0 else f"done: {result.epochs} epochs")
-    print(f"bundle: {result.bundle}")
-    print(
-        f"MLflow run {result.run_id} at {result.tracking_uri}"
-        + (f"; registered as version {result.registered_version}" if result.registered_version else "")
-    )
-    return 0
-
-
-def _cmd_infer(args: argparse.Namespace) -> int:
-    from pipeline.infer import run_inference, summarize
-
-    summary = run_inference(
-        args.model,
-        args.input,
-        args.output,
-        tracking_uri=args.tracking_uri,
-        device=args.device,
-        precision=args.precision,
-        tta=args.tta,
-        postprocess=not args.no_postprocess,
-        overlap=args.overlap,
-        save_probabilities=args.save_probabilities,
-        dicom_seg=args.dicom_seg,
-        overlays=args.overlays,
-        overwrite=args.overwrite,
-        shard=args.shard,
-    )
-    if len(summary.done) + len(summary.skipped) + len(summary.failed) > 1 or not summary.failed:
-        print(summarize(summary))
-    return 2 if summary.failed else 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.datalists import parse_labels
-    from pipeline.evaluate import CSV_NAME, JSON_NAME, evaluate
-
-    report = evaluate(
-        pred=args.pred,
-        ref=args.ref,
-        output=args.output,
-        labels=parse_labels(args.labels) if args.labels else None,
-        tolerance_mm=args.tolerance,
-        allow_missing=args.allow_missing,
-        overwrite=args.overwrite,
-        mlflow_run=args.mlflow_run,
-        tracking_uri=args.tracking_uri,
-    )
-    if report.unmatched_text:
-        print(f"seg3d evaluate: warning: left out {report.unmatched_text}", file=sys.stderr)
-    print(report.format())
-    print(f"wrote {args.output / CSV_NAME} and {args.output / JSON_NAME}")
-    if args.mlflow_run:
-        print(f"logged the means and both files to MLflow run {args.mlflow_run}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
-
-    run_demo(
-        output=args.output,
-        cases=args.cases,
-        test_cases=args.test_cases,
-        seed=args.seed,
-        tracking_uri=args.tracking_uri,
-        overrides=args.overrides,
-    )
-    return 0
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    import time
-
-    from pipeline.synthetic import synthesize
-
-    start = time.perf_counter()
-    manifest = synthesize(
-        out=args.out, cases=args.cases, seed=args.seed, test_cases=args.test_cases, overwrite=args.overwrite
-    )
-    print(f"wrote {manifest} ({args.cases} training cases, seed {args.seed}) in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-def _cmd_check_data(args: argparse.Namespace) -> int:
-    from pipeline.datalists import load_dataset, parse_labels
-    from pipeline.integrity import check_dataset
-
-    labels = parse_labels(args.labels) if args.labels else None
-    dataset = load_dataset(args.dataset, labels=labels)
-    report = check_dataset(dataset, include_test=not args.no_test)
-    print(report.format())
-    return 0 if report.ok else 2
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_model, parse_patch
-
-    result = export_model(
-        args.model,
-        args.output,
-        fmt=args.format,
-        patch=parse_patch(args.patch) if args.patch else None,
-        tracking_uri=args.tracking_uri,
-        overwrite=args.overwrite,
-    )
-    x, y, z = result.patch
-    print(
-        f"wrote {result.path} ({result.model}, {result.format}, input (batch, C, {x}, {y}, {z})) in"
-        f" {result.seconds:.1f} s; max |difference| to PyTorch {result.max_abs_error:.2g} (logits up to"
-        f" {result.logit_scale:.2g})"
-    )
-    print(f"preprocessing, patch size and labels: {result.sidecar}")
-    if result.preprocessing is not None:
-        print(f"the bundle's preprocessing: {result.preprocessing}")
-    return 0
-
-
-def _cmd_doctor(args: argparse.Namespace) -> int:
-    from pipeline.doctor import run_checks
-
-    report = run_checks(output=args.output, tracking_uri=args.tracking_uri)
-    print(report.format())
-    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,12 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered model variants")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("synth", help="write a synthetic CT phantom dataset in Medical Segmentation Decathlon layout")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic CT phantom dataset in Medical Segmentation Decathlon layout",
+        description="Write CT phantoms (pancreas and tumour) in Medical Segmentation Decathlon layout, with test"
+        " labels in labelsTs/. Decoys, tissue with the pancreas's HU and texture where no pancreas belongs, test"
+        " whether a model uses context; each case's decoy mask (1 = decoy voxel, the image's geometry) goes to"
+        ' decoysTr/ or decoysTs/, named in dataset.json by the training entries\' "decoy" key.',
+    )
     p.add_argument("--out", type=Path, required=True, help="dataset folder to create")
     p.add_argument("--cases", type=int, default=8, help="number of training cases")
     p.add_argument("--test-cases", type=int, default=None, help="number of test cases (default: cases // 4, >= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument(
+        "--decoys",
+        choices=("classic", "matched"),
+        default="classic",
+        help="classic (default, the published phantom): short decoys in plain fat, which a network can tell from the"
+        " pancreas by their size and surroundings alone. matched: decoys with the pancreas's length, radii and"
+        " surroundings (a thin fat plane, soft tissue beyond it), so only their position tells them apart; anatomy"
+        " and noise are those of classic for the same seed. Recorded in dataset.json.",
+    )
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("check-data", help="read every case of a dataset and report every problem, with its case id")
@@ -249,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
+        "study",
+        help="cross-validate attention variants against a baseline: statistics, costs, ensembles, a champion",
+    )
+    p.add_argument("--config", type=Path, default=None, help="a study YAML, e.g. configs/study_demo.yaml")
+    p.add_argument("--data", type=Path, required=True, help="anything check-data accepts (MSD, folders, CSV)")
+    p.add_argument("--output", type=Path, required=True, help="STUDY_DIR: jobs, out-of-fold files, report, champion")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--shard", default=None, help="i/n: run every n-th job from the i-th (default: RANK/WORLD_SIZE, else all)"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from STUDY_DIR as it stands; name missing jobs"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="study overrides, e.g. folds=3 budget.epochs=2")
+    p.set_defaults(func=_cmd_study)
+
+    p = sub.add_parser(
         "evaluate", help="Dice, HD95, NSD and volume difference per case and class, against reference labels"
     )
     p.add_argument("--pred", type=Path, required=True, help="a predicted label map (NIfTI) or a folder of them")
@@ -273,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("infer", help="segment CT scans with a trained model, in each scan's own geometry")
-    p.add_argument("--model", required=True, help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="a bundle or ensemble folder, runs:/RUN_ID/bundle, models:/NAME/VERSION or models:/NAME@ALIAS; given"
+        " several times, an ensemble that averages their class probabilities (post-processed unless --no-postprocess)",
+    )
     p.add_argument(
         "--input", type=Path, required=True, help="a NIfTI file, a DICOM series folder, a NIfTI folder or a datalist"
     )
@@ -319,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export", help="export a trained network to ONNX or TorchScript, with its preprocessing in OUTPUT.json"
     )
-    p.add_argument("--model", required=True, help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION (of an ensemble, one member:"
+        " ENSEMBLE/members/NAME)",
+    )
     p.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx or torchscript")
     p.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx (and model.onnx.json)")
     p.add_argument("--patch", default=None, help="input patch X,Y,Z in voxels (default: the bundle's patch size)")
@@ -343,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
 LEAN_MONAI = frozenset({"infer", "evaluate", "export", "models", "model-info"})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `docker stop`, a scheduler's time limit), handled exactly like Ctrl-C: the same
+    clean-up runs (an MLflow run ends KILLED, temporaries go, the last checkpoint stays resumable)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # machines are offline; mlflow reads it on import
     args = build_parser().parse_args(argv)
@@ -350,14 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.startup import import_monai_lean
 
         import_monai_lean()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except Seg3dError as err:
         print(f"seg3d {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"seg3d {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        resume = "; --resume continues the run from its last checkpoint" if args.command == "train" else ""
+        print(f"seg3d {args.command}: {what}; nothing half-written was left{resume}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`, the entry point torchrun starts on every rank

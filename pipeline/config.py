@@ -3,27 +3,101 @@
 Numbers live here, behaviour lives in code. An unknown key or a value of the wrong type is a `Seg3dError`
 naming the dotted key, so `train.epoch=3` fails at once instead of being silently ignored. The resolved
 config (defaults filled in) is what the run logs to MLflow and stores in the model bundle, so inference
-rebuilds exactly what was trained.
+rebuilds exactly what was trained, and a bundle's config.yaml is validated by these same rules when it is loaded.
+
+The YAML is read by pipeline/yamlio.py (no anchors or aliases, a bounded size). Every float is finite, and the
+bounds that training, inference and export share (patch size, network size) are stated here once. Values quoted
+in a message are cut short (errors.shown): a message never echoes a whole input.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from attention3d import UNetConfig, list_models, unet_config
-from pipeline.errors import Seg3dError
+from pipeline.errors import Seg3dError, one_line, shown
+from pipeline.yamlio import raw_config
 
-Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
+Spacing = Annotated[float, Field(gt=0)]  # mm; finite, as every float of a config
+
+# Sanity bounds that training, inference and export share. A patch edge of 1024 voxels is several times what fits on
+# any GPU today (nnU-Net's largest are about 320); the product bound keeps one patch's input under 128 MiB of float32,
+# so no patch size a config or --patch can name allocates without bound before the network fails.
+MAX_PATCH_EDGE = 1024
+MAX_PATCH_VOXELS = 2**25
+MAX_CHANNELS = 4096  # per U-Net level
+MAX_LEVELS = 8
+MAX_STRIDE = 8
+MAX_KERNEL = 9
+
+
+def patch_problem(patch: Any) -> str | None:
+    """What is wrong with a patch size (three whole numbers of voxels), or None."""
+    if not isinstance(patch, (tuple, list)) or len(patch) != 3:
+        return f"must be three whole numbers of voxels X,Y,Z, got {shown(patch)}"
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_PATCH_EDGE for n in patch):
+        return f"each edge must be a whole number of voxels in 1..{MAX_PATCH_EDGE}, got {shown(patch)}"
+    if math.prod(patch) > MAX_PATCH_VOXELS:
+        return f"{shown(patch)} is {math.prod(patch):,} voxels, more than the {MAX_PATCH_VOXELS:,} allowed in one patch"
+    return None
+
+
+def unet_problem(cfg: UNetConfig) -> str | None:
+    """Bounds UNetConfig itself does not set (it checks consistency, not size): channels, levels, strides, kernel
+    and dropout within what any CT U-Net uses, so a config or a bundle's metadata cannot ask for an absurd network."""
+    ints = [*cfg.channels, cfg.kernel_size, *(s for axis in cfg.axis_strides() for s in axis)]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in ints):
+        return "channels, strides and kernel_size must be whole numbers"
+    if not 2 <= len(cfg.channels) <= MAX_LEVELS:
+        return f"channels must have 2..{MAX_LEVELS} levels, got {len(cfg.channels)}"
+    if not all(1 <= c <= MAX_CHANNELS for c in cfg.channels):
+        return f"channels must each be in 1..{MAX_CHANNELS}, got {shown(cfg.channels)}"
+    if not all(1 <= s <= MAX_STRIDE for axis in cfg.axis_strides() for s in axis):
+        return f"strides must each be in 1..{MAX_STRIDE}, got {shown(cfg.strides)}"
+    if not 1 <= cfg.kernel_size <= MAX_KERNEL:
+        return f"kernel_size must be odd and in 1..{MAX_KERNEL}, got {cfg.kernel_size}"
+    if not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+        return f"dropout must be in [0, 1), got {shown(cfg.dropout)}"
+    from monai.networks.layers.factories import Act, Norm, split_args
+
+    for key, value in (("norm", cfg.norm), ("act", cfg.act)):
+        try:  # the names MONAI's layer factories know, looked up as the network's blocks will look them up
+            name, _ = split_args(value)
+            _ = Norm[name, cfg.spatial_dims] if key == "norm" else Act[name]
+        except (KeyError, TypeError, ValueError) as err:
+            return f"{key} {shown(value)} is not a MONAI {key} layer ({one_line(err, 100)})"
+    return None
+
+
+def _checked_patch(v: IntTriple) -> IntTriple:
+    problem = patch_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+Patch = Annotated[IntTriple, AfterValidator(_checked_patch)]  # a patch size within the bounds above
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every float of a config is finite (NaN slips past any bound that no field states, Inf is no setting).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # The pipeline segments volumes (spatial_dims 3); in_channels and out_channels follow from the data (one CT channel,
@@ -45,9 +119,12 @@ class _ModelSection(_Section):
     def _valid_network(self) -> _ModelSection:
         # UNetConfig checks every value, over the variant's own options, so a bad one fails at load, not at build.
         try:
-            unet_config(self.name, spatial_dims=3, **self.overrides())
+            net = unet_config(self.name, spatial_dims=3, **self.overrides())
         except TypeError as err:
             raise ValueError(str(err)) from None
+        problem = unet_problem(net)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def overrides(self) -> dict[str, Any]:
@@ -97,12 +174,12 @@ class DataConfig(_Section):
     # {pancreas: 7} trains on that structure and maps every other value to background.
     labels: dict[str, int] | None = None
     # Target voxel spacing in mm (RAS x, y, z); null = the training set's median spacing (nnU-Net).
-    target_spacing: Triple | None = None
+    target_spacing: tuple[Spacing, Spacing, Spacing] | None = None
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     # Crop every volume to the body (HU above body_threshold) before anything else: air is not context.
     foreground_crop: bool = True
     body_threshold_hu: float = -500.0
-    patch_size: IntTriple = (96, 96, 96)
+    patch_size: Patch = (96, 96, 96)
     samples_per_volume: int = Field(2, ge=1)
     # Fraction of patches centred on foreground (nnU-Net oversamples a third); class_ratios, when set,
     # samples per class instead (one weight per class, background first).
@@ -114,6 +191,13 @@ class DataConfig(_Section):
     # DataLoader worker processes; null = none when training on the CPU (a loader process would only take cores
     # from the network: benchmarks/loader.py) and half the cores, at most 8, when training on a GPU.
     num_workers: int | None = Field(None, ge=0)
+
+    @field_validator("class_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(r < 0 for r in v) or sum(v) <= 0):
+            raise ValueError(f"class_ratios must be non-negative with a positive sum, got {shown(v)}")
+        return v
 
 
 class AugmentConfig(_Section):
@@ -157,6 +241,8 @@ class TrainConfig(_Section):
     folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
     seed: int = 0
+    # The seed of the k-fold split; null = `seed`. A study fixes it, so that every seed trains on the same folds.
+    split_seed: int | None = None
     val_every: int = Field(1, ge=1)
     # Stop when the mean foreground Dice has not improved for this many validations; null = never.
     early_stop: int | None = Field(None, ge=1)
@@ -234,6 +320,17 @@ class Config(_Section):
             raise ValueError("must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _whole_volumes_per_batch(self) -> Config:
+        # Each volume loaded gives samples_per_volume patches to one batch; checked here, not at the first epoch,
+        # so that such a config is refused before a run folder or an MLflow run exists.
+        if self.train.batch_size % self.data.samples_per_volume:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of data.samples_per_volume "
+                f"({self.data.samples_per_volume})"
+            )
+        return self
+
     @property
     def registry_name(self) -> str:
         return self.registered_model or f"seg3d-{self.model.name}"
@@ -243,27 +340,45 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    """One line for the first problem pydantic found, naming the dotted key and the fix."""
+def _describe(err: ValidationError, root: type[BaseModel] = Config, prefix: str = "") -> str:
+    """One line for the first problem pydantic found, naming the dotted key (under `prefix`) and the fix. Keys and
+    values come from the user's file, so each is echoed cut short (errors.shown), never whole."""
     problems = err.errors()
     first = problems[0]
     loc = list(first["loc"])
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     if first["type"] == "extra_forbidden":
-        section = _section_at(tuple(loc[:-1]))
+        section = _section_at(tuple(loc[:-1]), root)
         valid = f"; valid keys here: {', '.join(section.model_fields)}" if section else ""
-        return f"{source}: unknown key '{'.'.join(map(str, loc))}'{valid}"
+        return f"unknown key '{_key(loc, prefix)}'{valid}"
     if first["type"] in ("missing", "too_long", "too_short") and loc and isinstance(loc[-1], int):
         loc = loc[:-1]  # a tuple of the wrong length: name the key, not the index
-        return f"{source}: '{'.'.join(map(str, loc))}' has the wrong number of values{more}"
-    key = ".".join(map(str, loc)) or "(top level)"
+        return f"'{_key(loc, prefix)}' has the wrong number of values{more}"
+    key = _key(loc, prefix) or "(top level)"
     if first["type"] == "value_error":
-        return f"{source}: '{key}': {first['msg'].removeprefix('Value error, ')}{more}"
-    return f"{source}: '{key}': {first['msg']}, got {first.get('input')!r}{more}"
+        return f"'{key}': {_cut(first['msg'].removeprefix('Value error, '))}{more}"
+    return f"'{key}': {_cut(first['msg'])}, got {shown(first.get('input'))}{more}"
 
 
-def _section_at(loc: tuple) -> type[BaseModel] | None:
-    cls: type[BaseModel] | None = Config
+def describe_validation(model: type[BaseModel], raw: Any, prefix: str = "") -> BaseModel:
+    """`model` validated from `raw`, or a Seg3dError of one line naming the dotted key (under `prefix`)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise Seg3dError(_describe(err, model, prefix)) from None
+
+
+def _key(loc: list, prefix: str = "") -> str:
+    return _cut(".".join(map(str, [prefix, *loc] if prefix else loc)), 80)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """A message part that may quote the input (a validator's message, a dotted key) cut to `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _section_at(loc: tuple, root: type[BaseModel] = Config) -> type[BaseModel] | None:
+    cls: type[BaseModel] | None = root
     for part in loc:
         field = cls.model_fields.get(str(part)) if cls else None
         ann = field.annotation if field else None
@@ -271,63 +386,20 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); the value is read as YAML, so lists and nulls work."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise Seg3dError(f"override {text!r} is not key=value (e.g. train.epochs=5)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip().split("."), parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise Seg3dError(f"override {text!r}: '{part}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return raw
-
-
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from the defaults), apply `key=value` overrides, validate."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise Seg3dError(f"config file {path} not found; see configs/ for examples")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise Seg3dError(f"{path}: not valid YAML{where}; fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise Seg3dError(f"{path}: a config is a mapping of sections (model:, data:, train:, ...)")
-    raw = apply_overrides(raw, list(overrides))
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise Seg3dError(_describe(err, source)) from None
+    raw, source = raw_config(path, overrides)
+    return config_from_dict(raw, source)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise Seg3dError(_describe(err, source)) from None
+        raise Seg3dError(f"{source}: {_describe(err)}") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from pipeline.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

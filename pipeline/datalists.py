@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -19,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import Seg3dError
-from pipeline.fileio import NIFTI_SUFFIXES, is_nifti, nifti_stem
+from pipeline.errors import Seg3dError, one_line, shown
+from pipeline.fileio import NIFTI_SUFFIXES, inside, is_nifti, nifti_stem
+from pipeline.names import check_case_id, check_class_name
 
 MSD_PANCREAS_LABELS = {"background": 0, "pancreas": 1, "cancer": 2}
 DATASET_FORMS = (
@@ -31,9 +33,15 @@ DATASET_FORMS = (
 
 @dataclass(frozen=True)
 class Case:
-    case: str
+    case: str  # a safe name (check_case_id): outputs are named after it
     image: Path  # a NIfTI file or a DICOM series folder
     label: Path | None
+    # Where the case's decoys are (uint8 mask, 1 = decoy voxel, the image's geometry): pancreas-like tissue where no
+    # pancreas belongs, as `seg3d synth` writes; read only to count context errors (pipeline/study/decoys.py).
+    decoy: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_case_id(self.case, f"image {shown(str(self.image), 80)}")
 
 
 @dataclass
@@ -154,6 +162,7 @@ def case_id(path: Path) -> str:
 
 
 def _add_label(labels: dict[str, int], name: str, value: int, where: str) -> int:
+    check_class_name(name, where)
     if name in labels:
         raise Seg3dError(f"class {name!r} named twice in {where}; name each class once")
     if value == 0:
@@ -176,6 +185,21 @@ def _checked_selection(labels: dict[str, int]) -> dict[str, int]:
     return out
 
 
+MAX_DATALIST_BYTES = 64 * 1024 * 1024  # a datalist of 100,000 cases is a few MB; more is not a datalist
+
+
+def _read_bounded(path: Path) -> str:
+    """The text of a datalist, refused before reading when it is not a regular file or absurdly large."""
+    if not path.is_file():
+        raise Seg3dError(f"{path} is not a regular file; a datalist is a JSON or CSV file")
+    size = path.stat().st_size
+    if size > MAX_DATALIST_BYTES:
+        raise Seg3dError(
+            f"{path} is {size:,} bytes; a datalist is at most {MAX_DATALIST_BYTES:,}: is it the right file?"
+        )
+    return path.read_text(encoding="utf-8-sig")
+
+
 def _subdir(root: Path, *names: str) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
@@ -186,11 +210,14 @@ def _resolve(base: Path, p: str) -> Path:
 
 def _load_msd(path: Path) -> tuple[list[Case], list[Case], dict[str, int]]:
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise Seg3dError(f"cannot read {path}: {err}; it must be an MSD dataset.json") from err
+        doc = json.loads(_read_bounded(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise Seg3dError(f"cannot read {path}: {one_line(err, 200)}; it must be an MSD dataset.json") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("labels"), dict):
         raise Seg3dError(f'{path} has no "labels" mapping; it must be an MSD dataset.json')
+    for key, kind in (("training", list), ("test", list)):
+        if key in doc and not isinstance(doc[key], kind):
+            raise Seg3dError(f'{path}: "{key}" must be a list of cases, got {type(doc[key]).__name__}')
     labels = _msd_labels(doc["labels"], path)
     root = path.parent
     if "training" not in doc:
@@ -201,16 +228,30 @@ def _load_msd(path: Path) -> tuple[list[Case], list[Case], dict[str, int]]:
         return cases, test, labels
     cases = []
     for i, entry in enumerate(doc["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise Seg3dError(f'{path}: training entry {i} must be {{"image": ..., "label": ...}}, got {entry!r}')
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) and entry[k] for k in ("image", "label")
+        ):
+            raise Seg3dError(
+                f'{path}: training entry {i} must be {{"image": "path", "label": "path"}}, got {shown(str(entry))}'
+            )
         image = _resolve(root, entry["image"])
-        cases.append(Case(case_id(image), image, _resolve(root, entry["label"])))
+        decoy = _decoy(root, entry, f"{path}: training entry {i}")
+        cases.append(Case(case_id(image), image, _resolve(root, entry["label"]), decoy=decoy))
     test = []
-    for entry in doc.get("test", []):
-        image = _resolve(root, entry["image"] if isinstance(entry, dict) else entry)
+    for i, entry in enumerate(doc.get("test", [])):
+        image_path = entry.get("image") if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
+        if not isinstance(image_path, str) or not image_path or not isinstance(label, str | None):
+            raise Seg3dError(
+                f'{path}: test entry {i} must be "path" or {{"image": "path", "label": "path"}},'
+                f" got {shown(str(entry))}"
+            )
+        image = _resolve(root, image_path)
         label = _resolve(root, label) if label else _test_label(root, image)
-        test.append(Case(case_id(image), image, label))
+        where = f"{path}: test entry {i}"
+        has_decoy = isinstance(entry, dict) and "decoy" in entry
+        decoy = _decoy(root, entry, where) if has_decoy else _test_decoy(root, image, where)
+        test.append(Case(case_id(image), image, label, decoy=decoy))
     return cases, test, labels
 
 
@@ -221,20 +262,56 @@ def _test_label(root: Path, image: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def _decoy(root: Path, entry: dict, where: str) -> Path | None:
+    """An entry's "decoy" mask, which must be a file inside the dataset folder: it is found from the datalist alone,
+    so a hostile list must not make the study read (and report on) a file elsewhere."""
+    if "decoy" not in entry:
+        return None
+    raw = entry["decoy"]
+    if not isinstance(raw, str) or not raw:
+        raise Seg3dError(f'{where}: "decoy" must be a path to the case\'s decoy mask, got {shown(raw)}')
+    return _checked_decoy(root, _resolve(root, raw), where)
+
+
+def _test_decoy(root: Path, image: Path, where: str) -> Path | None:
+    """A test entry that names no "decoy" has its mask, if any, in decoysTs/ (as `seg3d synth` writes), found by
+    name as its label in labelsTs/ is."""
+    name = case_id(image)
+    found = next((c for c in (root / "decoysTs" / f"{name}{s}" for s in NIFTI_SUFFIXES) if c.exists()), None)
+    return None if found is None else _checked_decoy(root, found, where)
+
+
+def _checked_decoy(root: Path, decoy: Path, where: str) -> Path:
+    if not inside(root, decoy):
+        raise Seg3dError(
+            f"{where}: decoy mask {shown(str(decoy), 200)} resolves outside the dataset folder {root}; keep decoy"
+            ' masks inside it (as decoysTr/) or remove the "decoy" key'
+        )
+    if not decoy.is_file():
+        raise Seg3dError(
+            f'{where}: decoy mask {shown(str(decoy), 200)} not found (or not a file); fix the "decoy" path or run'
+            " seg3d synth again"
+        )
+    return decoy
+
+
 def _msd_labels(raw: dict, path: Path) -> dict[str, int]:
     """MSD writes {"0": "background", "1": "pancreas"}; nnU-Net v2 writes {"background": 0, "pancreas": 1}."""
+    expected = f'"labels" must map values to names ({{"0": "background", "1": "pancreas"}}), got {shown(str(raw))}'
     try:
-        pairs = [(int(k), str(v)) for k, v in raw.items()]
-    except ValueError:
+        pairs = [(int(k), v) for k, v in raw.items()]
+    except (TypeError, ValueError):
         try:
-            pairs = [(int(v), str(k)) for k, v in raw.items()]
-        except (TypeError, ValueError) as err:
-            raise Seg3dError(
-                f'{path}: "labels" must map values to names ({{"0": "background", "1": "pancreas"}}), got {raw!r}'
-            ) from err
+            pairs = [(int(v), k) for k, v in raw.items() if not isinstance(v, bool | float)]
+        except (TypeError, ValueError, OverflowError):
+            raise Seg3dError(f"{path}: {expected}") from None
+    if any(not isinstance(name, str) for _, name in pairs) or len(pairs) != len(raw):
+        raise Seg3dError(f"{path}: {expected}")
     pairs.sort()
     if not pairs or pairs[0][0] != 0:
-        raise Seg3dError(f'{path}: "labels" must declare value 0 (background), got {raw!r}')
+        raise Seg3dError(f'{path}: "labels" must declare value 0 (background), got {shown(str(raw))}')
+    if any(not 0 <= value <= 255 for value, _ in pairs):
+        raise Seg3dError(f'{path}: "labels" values must be 0..255 (label maps are 8-bit), got {shown(str(raw))}')
     labels = {pairs[0][1]: 0}
     for value, name in pairs[1:]:
         labels[name] = _add_label(labels, name, value, str(path))
@@ -253,7 +330,10 @@ def _nifti_or_series(folder: Path, series_allowed: bool) -> dict[str, Path]:
         else:
             continue
         if name in found:
-            raise Seg3dError(f"two files for case {name} in {folder}: {found[name].name} and {p.name}; keep one")
+            raise Seg3dError(
+                f"two files for case {shown(name)} in {folder}: {shown(found[name].name)} and {shown(p.name)} (both"
+                " give that case id, the file name without .nii.gz, .nii and _0000); keep one",
+            )
         found[name] = p
     return found
 
@@ -283,14 +363,14 @@ def _load_folders(root: Path) -> tuple[list[Case], list[Case]]:
 
 def _load_csv(path: Path) -> tuple[list[Case], list[Case]]:
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = [(h or "").strip() for h in reader.fieldnames or []]
+        # utf-8-sig (in _read_bounded): spreadsheets write a byte-order mark
+        reader = csv.DictReader(io.StringIO(_read_bounded(path), newline=""))
+        rows = list(reader)
+        header = [(h or "").strip() for h in reader.fieldnames or []]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise Seg3dError(f"cannot read {path}: {err}") from err
+        raise Seg3dError(f"cannot read {path}: {one_line(err, 200)}") from None
     if not {"case", "image"} <= set(header):
-        raise Seg3dError(f"{path} has the header {','.join(header)!r}; it must be case,image,label")
+        raise Seg3dError(f"{path} has the header {shown(','.join(header))}; it must be case,image,label")
     cases, test = [], []
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str | None)}
@@ -300,7 +380,11 @@ def _load_csv(path: Path) -> tuple[list[Case], list[Case]]:
             raise Seg3dError(f"{path} line {line}: case and image must not be empty")
         image = _resolve(path.parent, row["image"])
         label = _resolve(path.parent, row["label"]) if row.get("label") else None
-        (cases if label else test).append(Case(row["case"], image, label))
+        try:
+            case = Case(row["case"], image, label)
+        except Seg3dError as err:
+            raise Seg3dError(f"{path} line {line}: {err}") from None
+        (cases if label else test).append(case)
     return cases, test
 
 
@@ -310,10 +394,10 @@ def undeclared_values(label: np.ndarray, declared) -> list:
 
 
 def undeclared_message(values: list, labels: dict[str, int]) -> str:
-    shown = ", ".join(f"{v:g}" for v in values[:20]) + (f" and {len(values) - 20} more" if len(values) > 20 else "")
+    listed = ", ".join(f"{v:g}" for v in values[:20]) + (f" and {len(values) - 20} more" if len(values) > 20 else "")
     declared = ", ".join(f"{k}={v}" for k, v in labels.items())
     return (
-        f"label values {shown} are not declared ({declared}); fix the label files or the dataset's labels, "
+        f"label values {listed} are not declared ({declared}); fix the label files or the dataset's labels, "
         "or pass --labels NAME=VALUE to select classes and treat every other value as background"
     )
 

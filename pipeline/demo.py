@@ -19,6 +19,7 @@ from pipeline.bundle import load_bundle
 from pipeline.config import load_config
 from pipeline.datalists import load_dataset
 from pipeline.errors import Seg3dError
+from pipeline.fileio import check_inside
 from pipeline.imageio import read_volume
 from pipeline.metrics import dice_per_class, mean_foreground_dice
 from pipeline.plots import overlay_png
@@ -79,7 +80,7 @@ def run_demo(
         per_case[case.case] = dice_per_class(pred.labels, ref, len(names))
         overlays.append(
             overlay_png(
-                output / "overlays" / f"{case.case}.png",
+                check_inside(output, output / "overlays" / f"{case.case}.png", what="the demo folder"),
                 image.array,
                 image.affine,
                 ref,

@@ -1,7 +1,7 @@
 """Reading a DICOM series folder (SimpleITK/GDCM) into imageio's convention: the array in (X, Y, Z) voxel order and a
 RAS+ affine in mm. SimpleITK is imported here, and only when a series is read, so commands on NIfTI files never load
 it. What GDCM's series reader would get silently wrong (a missing slice, a gantry tilt) is an error naming the
-series.
+series, and a series whose headers declare more voxels than seg3d reads is refused before ITK allocates them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import Seg3dError, one_line
-from pipeline.imageio import AFFINE_TOL, LPS_TO_RAS
+from pipeline.imageio import AFFINE_TOL, LPS_TO_RAS, SourceFile, check_read_whole, file_identity
+from pipeline.limits import check_dicom_size
 
 
 @contextmanager
@@ -29,13 +30,14 @@ def _quiet_itk():
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The voxels of the one series in `path` (HU for an image), its RAS affine, and notes (none yet)."""
+def read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str], SourceFile]:
+    """The voxels of the one series in `path` (HU for an image), its RAS affine, notes (none yet) and the files
+    read, with their identity."""
     with _quiet_itk():
         return _read_dicom_series_quietly(path, case, kind)
 
 
-def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_dicom_series_quietly(path: Path, case: str | None, kind: str):
     import SimpleITK as sitk
 
     notes: list[str] = []
@@ -57,6 +59,8 @@ def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple
             case=case,
         )
     files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+    check_dicom_size(path, files=list(files), case=case)  # ITK allocates the whole volume before it reads a slice
+    source = SourceFile(path=path, files=tuple(str(f) for f in files), identity=file_identity(files))
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     # ITK prints its own multi-line warning for uneven slice gaps; _slice_gaps below makes that an error instead.
@@ -66,6 +70,7 @@ def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple
         image = reader.Execute()
     except RuntimeError as err:
         raise Seg3dError(f"cannot read DICOM series {path}: {one_line(err, limit=1000)}", case=case) from None
+    check_read_whole(source, case, kind)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise Seg3dError(
             f"DICOM series {path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -77,31 +82,13 @@ def _read_dicom_series_quietly(path: Path, case: str | None, kind: str) -> tuple
     if kind == "image":
         array = array.astype(np.float32, copy=False)
     if dim != 3:
-        return array, np.eye(4), notes  # _as_3d rejects it with the shape in the message
+        return array, np.eye(4), notes, source  # _as_3d rejects it with the shape in the message
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine_lps = np.eye(4)
     affine_lps[:3, :3] = direction @ np.diag(image.GetSpacing())
     affine_lps[:3, 3] = image.GetOrigin()
     _check_slice_positions(reader, len(files), direction[:, 2], path, case, kind)
-    return array, LPS_TO_RAS @ affine_lps, notes
-
-
-def dicom_orientation(path: Path) -> np.ndarray:
-    """A RAS affine with the series' direction cosines (from one file's ImageOrientationPatient) and unit spacing:
-    enough to tell an oblique series before reading it."""
-    import SimpleITK as sitk
-
-    series = sitk.ImageSeriesReader()
-    with _quiet_itk():
-        ids = series.GetGDCMSeriesIDs(str(path))
-        if len(ids) != 1:
-            raise Seg3dError(f"{len(ids)} DICOM series in {path}")
-        first = sitk.ImageFileReader()
-        first.SetFileName(series.GetGDCMSeriesFileNames(str(path), ids[0])[0])
-        first.ReadImageInformation()
-    affine = np.eye(4)
-    affine[:3, :3] = np.array(first.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return LPS_TO_RAS @ affine
+    return array, LPS_TO_RAS @ affine_lps, notes, source
 
 
 def _check_slice_positions(reader, n: int, normal: np.ndarray, path: Path, case: str | None, kind: str) -> None:

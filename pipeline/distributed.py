@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -228,4 +229,12 @@ def relaunch_under_torchrun(nproc: int, max_restarts: int, train_args: list[str]
         "train",
         *train_args,
     ]
-    return subprocess.run(command, check=False).returncode
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the whole foreground group anyway; SIGTERM (docker stop, a scheduler) reaches only this
+        # launcher, so pass it on: torchrun stops its workers, whose own handlers end the run cleanly.
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        raise

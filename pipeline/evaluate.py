@@ -192,12 +192,16 @@ def _unmatched_text(unmatched: dict[str, list[str]]) -> str:
 def _cases(path: Path, what: str) -> dict[str, Path]:
     """Case id -> file for a NIfTI file or a folder of NIfTI files (not recursive; hidden files skipped)."""
     from pipeline.datalists import case_id
+    from pipeline.errors import shown
     from pipeline.fileio import NIFTI_SUFFIXES
+    from pipeline.names import check_case_id
 
     if not path.exists():
         raise Seg3dError(f"{what} path not found: {path}; give a NIfTI file or a folder of NIfTI files")
     if path.is_file():
         return {case_id(path): path}
+    if not path.is_dir():
+        raise Seg3dError(f"{what} path {path} is neither a regular file nor a folder (a FIFO or device?)")
     files = sorted(
         p
         for p in path.iterdir()
@@ -207,7 +211,7 @@ def _cases(path: Path, what: str) -> dict[str, Path]:
         raise Seg3dError(f"no NIfTI files (.nii.gz, .nii) in {what} folder {path}")
     out: dict[str, Path] = {}
     for file in files:
-        case = case_id(file)
+        case = check_case_id(case_id(file), f"{what} file {shown(file.name, 80)}")
         if case in out:
             raise Seg3dError(
                 f"{what} folder {path} has two files for one case: {out[case].name} and {file.name}; keep one",
@@ -237,6 +241,8 @@ def _check_geometry(pred, ref, case: str) -> None:
 def check_output(output: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
     """The paths of metrics.csv and metrics.json in `output`; raises if either exists and not `overwrite`.
     Called before any compute, so a forgotten --overwrite costs nothing."""
+    from pipeline.fileio import require_output_folder
+
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise Seg3dError(f"--output {output} is a file; give a folder for metrics.csv and metrics.json")
@@ -244,16 +250,21 @@ def check_output(output: Path | str, overwrite: bool = False) -> tuple[Path, Pat
     existing = [p.name for p in paths if p.exists()]
     if existing and not overwrite:
         raise Seg3dError(f"{' and '.join(existing)} already in {output}; pass --overwrite or choose another --output")
+    require_output_folder(output)
     return paths
 
 
 def write_outputs(report: Report, output: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write metrics.csv (CSV_COLUMNS, one row per case and class) and metrics.json, each atomically."""
-    from pipeline.fileio import atomic_write_csv, atomic_write_text
+    """Write metrics.csv (CSV_COLUMNS, one row per case and class) and metrics.json as a pair: both or neither (a
+    full disk while writing the second leaves neither, not a CSV without its JSON)."""
+    from pipeline.fileio import atomic_write_all, csv_text
 
     csv_path, json_path = check_output(output, overwrite)
-    atomic_write_csv(csv_path, CSV_COLUMNS, ([r[c] for c in CSV_COLUMNS] for r in report.records))
-    atomic_write_text(json_path, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+    table = csv_text(CSV_COLUMNS, ([r[c] for c in CSV_COLUMNS] for r in report.records))
+    document = json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n"
+    atomic_write_all(
+        [(csv_path, lambda tmp: tmp.write_text(table, newline="")), (json_path, lambda tmp: tmp.write_text(document))]
+    )
     return csv_path, json_path
 
 
@@ -286,6 +297,7 @@ def evaluate(
     pred: Path | str,
     ref: Path | str,
     output: Path | str,
+    *,
     labels: Mapping[str, int] | None = None,
     tolerance_mm: float = 2.0,
     allow_missing: bool = False,

@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import re
 import tempfile
 import time
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import faults
 from pipeline.bundle import PREPROCESSING
-from pipeline.errors import Seg3dError, one_line
-from pipeline.fileio import atomic_write, atomic_write_text, sha256_file
+from pipeline.errors import Seg3dError, one_line, shown
+from pipeline.fileio import atomic_write, atomic_write_text, remove_temporaries, require_output_folder, sha256_file
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -74,11 +76,18 @@ def sidecar_path(output: Path) -> Path:
 
 
 def parse_patch(spec: str) -> tuple[int, int, int]:
-    """`X,Y,Z` (voxels) -> a tuple of three positive ints."""
+    """`X,Y,Z` (voxels) -> a tuple of three positive ints, within the bounds a config's data.patch_size has."""
+    from pipeline.config import patch_problem
+
     parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise Seg3dError(f"--patch {spec!r} must be three positive integers X,Y,Z, e.g. --patch 96,96,64")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses; and no number of a thousand digits.
+    if len(parts) != 3 or not all(re.fullmatch(r"[0-9]{1,9}", p) and int(p) > 0 for p in parts):
+        raise Seg3dError(f"--patch {shown(spec)} must be three positive integers X,Y,Z, e.g. --patch 96,96,64")
+    patch = (int(parts[0]), int(parts[1]), int(parts[2]))
+    problem = patch_problem(patch)
+    if problem:
+        raise Seg3dError(f"--patch {shown(spec)}: {problem}; e.g. --patch 96,96,64")
+    return patch
 
 
 def check_format(fmt: str) -> str:
@@ -88,20 +97,36 @@ def check_format(fmt: str) -> str:
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:
-    """Refuse, before any work, an output that cannot be written or would replace files without --overwrite."""
+    """Refuse, before any work, an output that cannot be written or would replace files without --overwrite.
+
+    The model file and its sidecar are a pair: the model is written first and the sidecar last, so a sidecar means a
+    finished export. What a killed export left (temporaries; a model of ours without its sidecar) is cleared here,
+    so a rerun finishes the job instead of being refused."""
     output = Path(output)
+    sidecar = sidecar_path(output)
     if output.is_dir():
         raise Seg3dError(f"--output {output} is a folder; give a file name, e.g. {output / 'model.onnx'}")
-    existing = [p for p in (output, sidecar_path(output)) if p.exists()]
+    if output.parent.is_dir():
+        remove_temporaries(output.parent, names=[output.name, sidecar.name])
+    unfinished = output.is_file() and not sidecar.exists() and _is_seg3d_export(output)
+    existing = [p for p in (output, sidecar) if p.exists() and not (unfinished and p == output)]
     if existing and not overwrite:
         raise Seg3dError(f"{existing[0]} exists; --overwrite replaces it")
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise Seg3dError(f"--output {output} cannot be created: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK):
-        raise Seg3dError(f"--output {output} cannot be written: {folder} is read-only")
+    require_output_folder(output.parent)
+
+
+def _is_seg3d_export(path: Path) -> bool:
+    """Whether `path` is a model seg3d exported (its embedded record, read without running or unpickling it)."""
+    try:
+        if zipfile.is_zipfile(path):  # TorchScript: a zip with the extra file seg3d.json
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/extra/seg3d.json") for name in archive.namelist())
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return any(prop.key == "seg3d" for prop in model.metadata_props)
+    except Exception:  # not a model at all, or a broken one: not ours to replace without --overwrite
+        return False
 
 
 @contextlib.contextmanager
@@ -231,13 +256,17 @@ def export_network(
             )
         head = {"seg3d_export": EXPORT_FORMAT, "file": output.name, "sha256": sha256_file(tmp), **extra}
         check_record = {"check": {"batch": CHECK_BATCH, "max_abs_error": error, "logit_scale": scale}}
-        text = json.dumps({**head, **record, **check_record}, indent=2) + "\n"
-        atomic_write_text(sidecar, text)
+        sidecar_text.append(json.dumps({**head, **record, **check_record}, indent=2) + "\n")
 
+    sidecar_text: list[str] = []
+    sidecar.unlink(missing_ok=True)  # (with --overwrite) no sidecar may describe a model that is being replaced
     try:
-        atomic_write(output, write)
+        atomic_write(output, write)  # the model first ...
+        faults.point("export.model_written")
+        atomic_write_text(sidecar, sidecar_text[0])  # ... its sidecar last: a sidecar means a finished pair
     except OSError as err:
-        sidecar.unlink(missing_ok=True)
+        for path in (output, sidecar):
+            path.unlink(missing_ok=True)
         raise Seg3dError(f"cannot write {output} ({err.strerror or err}); choose another --output") from None
     return ExportResult(
         path=output,
@@ -286,6 +315,27 @@ def _bundle_info(bundle, source: str) -> dict[str, Any]:
     }
 
 
+def refuse_ensemble(folder: Path, given: str) -> None:
+    """An exported file holds one network; an ensemble's averaging, its members' own preprocessing and its
+    post-processing are not a graph. So an ensemble is refused, naming a member to export instead (its folder
+    listing only: ensemble.json is not read for a message)."""
+    from pipeline.ensemble import MEMBERS, is_ensemble
+
+    if not is_ensemble(folder):
+        return
+    members = folder / MEMBERS
+    names = sorted(p.name for p in members.iterdir() if p.is_dir()) if members.is_dir() else []
+    listed = f" (members: {', '.join(shown(n, 40) for n in names[:8])}{', ...' if len(names) > 8 else ''})"
+    example = f"{given}/{MEMBERS}/{names[0] if names else 'NAME'}"
+    if given.startswith("models:/"):
+        example = f"ENSEMBLE/{MEMBERS}/{names[0] if names else 'NAME'} of a local copy"
+    raise Seg3dError(
+        f"{given} is an ensemble{listed if names else ''}: an exported file holds one network, and an ensemble's"
+        f" averaging, its members' preprocessing and its post-processing are not part of one; nothing was written."
+        f" Export one member at a time: --model {example}"
+    )
+
+
 def export_model(
     model: str | Path,
     output: str | Path,
@@ -302,9 +352,13 @@ def export_model(
 
     output = Path(output)
     check_format(fmt)
+    is_local = not str(model).startswith(("runs:/", "models:/"))
+    if is_local:
+        refuse_ensemble(Path(model), str(model))
     check_output(output, overwrite)
     with tempfile.TemporaryDirectory(prefix="seg3d-export-") as workdir:
         folder = resolve_model(str(model), tracking_uri, Path(workdir))
+        refuse_ensemble(folder, str(model))
         bundle = load_bundle(folder)
         name = bundle.config.model.name
         size = tuple(patch) if patch is not None else tuple(bundle.config.data.patch_size)
@@ -317,6 +371,5 @@ def export_model(
             info=_bundle_info(bundle, str(model)),
             overwrite=overwrite,
         )
-        is_local = not str(model).startswith(("runs:/", "models:/"))
         result.preprocessing = (Path(folder) / PREPROCESSING).resolve() if is_local else None
     return result

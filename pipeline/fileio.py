@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pipeline import faults
+from pipeline.errors import Seg3dError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -68,16 +69,34 @@ def atomic_write(path: Path, write: Callable[[Path], object], suffix: str = ".tm
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...), +cmd|...), whatever the CSV
+# quoting; OWASP's advice is to prefix such a text cell with a single quote, which the spreadsheet shows as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """`value` as a CSV cell a spreadsheet will not execute: text that starts like a formula gets a leading quote.
+    Numbers stay numbers (a negative volume difference is not a formula)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def csv_text(header: Iterable, rows: Iterable[Iterable]) -> str:
+    """CSV text (one header row, then `rows`) with every text cell made safe for spreadsheets (csv_cell)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)  # RFC 4180's CRLF: a CR or LF inside a cell is then always quoted
+    writer.writerow([csv_cell(v) for v in header])
+    writer.writerows([csv_cell(v) for v in row] for row in rows)
+    return buffer.getvalue()
 
 
 def atomic_write_csv(path: Path, header: Iterable, rows: Iterable[Iterable]) -> None:
-    """A CSV file (one header row, then `rows`), written atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(header))
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    """A CSV file (csv_text), written atomically."""
+    atomic_write_text(path, csv_text(header, rows))
 
 
 def remove_temporaries(folder: Path, names: Iterable[str] | None = None) -> list[str]:
@@ -107,6 +126,18 @@ def make_temporary_dir(target: Path) -> Path:
     return tmp
 
 
+def move_folder_into_place(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by the finished folder `tmp` (made by make_temporary_dir beside it): the old one is renamed
+    aside first and removed after, so a crash leaves the old or the new folder whole, never a mix."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    faults.point(f"write.{folder.name}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -126,3 +157,95 @@ def nifti_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+# -- where outputs may go ------------------------------------------------------------------------------------------
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, with every symlink and `..` resolved, lies in the folder `root` (resolved likewise)."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def check_inside(root: Path, path: Path, what: str = "--output") -> Path:
+    """`path` if it lies inside `root`, else a Seg3dError: names taken from data (case ids, class names) must never
+    write outside the output folder, whatever they hold and whatever symlinks the folder holds."""
+    if not inside(root, path):
+        raise Seg3dError(
+            f"refusing to write {str(path)[:200]!r}: it resolves outside {what} {root} (a name from the data with a"
+            " path in it, or a symlink in the output folder); nothing was written"
+        )
+    return Path(path)
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder` itself, or the nearest of its parents that exists: where a missing folder would be created."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def probe_writable(folder: Path) -> tuple[bool, str]:
+    """Whether files can be made in `folder` (or, if it is missing, in the folder that would hold it), found by
+    making one: permission bits do not tell for root, nor for a read-only mount. Creates no folder."""
+    folder = Path(folder).absolute()
+    probe_in = nearest_existing(folder)
+    ready = (
+        f"{folder} writable"
+        if probe_in == folder
+        else f"{folder} does not exist yet and can be created (in {probe_in})"
+    )
+    if not probe_in.is_dir():
+        return False, f"{folder} cannot be created: {probe_in} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".seg3d-probe-", dir=probe_in)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        return False, f"{folder} cannot be written: no file can be made in {probe_in} ({err.strerror or err})"
+    return True, ready
+
+
+def require_output_folder(folder: Path, *, need_bytes: int = 0, what: str = "--output") -> Path:
+    """Refuse, before any compute, an output folder that cannot be made or written, or whose file system has less
+    than `need_bytes` free (plus a margin for the temporaries of atomic writes)."""
+    ok, detail = probe_writable(folder)
+    if not ok:
+        raise Seg3dError(f"{what} {detail}; choose another {what}")
+    free = shutil.disk_usage(nearest_existing(folder)).free
+    need = int(need_bytes) + FREE_SPACE_MARGIN
+    if free < need:
+        raise Seg3dError(
+            f"{what} {folder}: only {free / 2**20:,.1f} MiB free on its file system, and about {need / 2**20:,.1f} MiB"
+            f" are needed; free some space or choose another {what}"
+        )
+    return Path(folder)
+
+
+FREE_SPACE_MARGIN = 16 * 2**20  # temporaries, figures, metadata: more than any small output needs
+
+
+def atomic_write_all(writes: list[tuple[Path, Callable[[Path], object]]]) -> None:
+    """Several files that belong together (metrics.csv and metrics.json): every temporary is written and synced
+    first, and only then are they renamed into place, so a full disk or an error while writing leaves none of them,
+    not one without the other. (Renames need no space; only a crash between two renames can split the pair.)"""
+    done: list[tuple[Path, Path]] = []
+    try:
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            done.append((path, Path(tmp_name)))
+            write(Path(tmp_name))
+            with open(tmp_name, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o666 & ~umask())
+        for path, tmp in done:
+            faults.point(f"write.{path.name}")
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+    finally:
+        for _, tmp in done:
+            tmp.unlink(missing_ok=True)

@@ -1,12 +1,17 @@
 """Reading CT volumes (NIfTI files and DICOM series folders) into one convention: the array in stored voxel
 order (X, Y, Z) and a 4x4 voxel -> world affine in RAS+ millimetres, as nibabel and MONAI's NibabelReader
-give it. Everything a user can get wrong in a file becomes a Seg3dError naming the case; things worth
-reporting that are not errors become notes.
+give it (with the spatial units a NIfTI header declares converted to mm, as ITK does). Everything a user can get
+wrong in a file becomes a Seg3dError naming the case; things worth reporting that are not errors become notes.
+
+A volume is read once, and remembers what it was read from (`SourceFile`: the file's identity and the NIfTI header
+as read), so that outputs are written from what was read, and anything that must look at the input again can
+first tell whether it is still the same file.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +22,20 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from pipeline.errors import Seg3dError, one_line
+from pipeline.limits import check_nifti_size
 
 # World coordinates: DICOM/ITK use LPS+, NIfTI/nibabel RAS+; the two differ by negating x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 AFFINE_TOL = 1e-3  # mm and direction-cosine tolerance: above float32 header rounding, far below a voxel
 
+# NIfTI xyzt_units (its low 3 bits) -> millimetres per unit, as ITK converts them; 0 (unknown), 2 (mm) and the
+# codes NIfTI does not define are taken as mm, as nibabel and MONAI do.
+MM_PER_UNIT = {1: 1000.0, 3: 0.001}
+UNIT_NAMES = {1: "metres", 3: "micrometres"}
+
 # Everything nibabel, gzip and zlib raise for a file that is truncated, corrupt or not NIfTI at all; MemoryError for
-# a corrupt header that declares far more voxels than the file holds.
+# a real volume too large for this machine (a header that declares more than its file holds is refused before
+# anything is allocated: pipeline.limits).
 _READ_ERRORS = (
     ImageFileError,
     HeaderDataError,
@@ -58,11 +70,49 @@ class Note(str):
         return note
 
 
+def file_identity(files) -> tuple:
+    """(device, inode, size, mtime_ns) of each file: a replaced file has another inode, a rewritten one another
+    mtime_ns or size. None for a file that is gone."""
+    out = []
+    for name in files:
+        try:
+            st = os.stat(name)
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """What a volume was read from, as it was when read: the file (or a DICOM series' files), their identity, the
+    same before and after the read, and the NIfTI header as read (its units, qform and sform with their codes), from
+    which the outputs are written. `header` is None for a DICOM series: its geometry is the volume's affine."""
+
+    path: Path
+    files: tuple[str, ...]
+    identity: tuple
+    header: object | None = field(default=None, repr=False)
+
+    def check_unchanged(self, case: str | None, kind: str = "image") -> None:
+        """A Seg3dError if the input is no longer the file that was read (replaced, rewritten or gone)."""
+        if file_identity(self.files) != self.identity:
+            raise self.changed(case, kind)
+
+    def changed(self, case: str | None, kind: str = "image") -> Seg3dError:
+        return Seg3dError(
+            f"{kind} {self.path} was replaced or rewritten after it was read, while this case ran; nothing was "
+            "written for it: run the case again once the file is final",
+            case=case,
+        )
+
+
 @dataclass
 class Volume:
     array: np.ndarray  # (X, Y, Z) in stored voxel order; float32 for images, the file's dtype for labels
     affine: np.ndarray  # (4, 4) voxel -> world, RAS+ mm, float64
     notes: list[str] = field(default_factory=list)
+    source: SourceFile | None = None  # what it was read from; None for a volume made in memory
 
     @property
     def axcodes(self) -> str:
@@ -111,9 +161,9 @@ def read_volume(path: Path | str, case: str | None = None, kind: str = "image") 
     if path.is_dir():
         from pipeline.dicomio import read_dicom_series
 
-        array, affine, notes = read_dicom_series(path, case, kind)
+        array, affine, notes, source = read_dicom_series(path, case, kind)
     else:
-        array, affine, notes = _read_nifti(path, case, kind)
+        array, affine, notes, source = _read_nifti(path, case, kind)
     stored_shape = array.shape
     array, squeezed = _as_3d(array, path, case, kind)
     if squeezed:
@@ -127,27 +177,28 @@ def read_volume(path: Path | str, case: str | None = None, kind: str = "image") 
     notes.extend(_check_affine(affine, path, case, kind))
     if kind == "image":
         _check_not_constant(array, path, case)
-    return Volume(array=array, affine=affine, notes=notes)
+    return Volume(array=array, affine=affine, notes=notes, source=source)
 
 
-def geometry_notes(path: Path | str, case: str | None = None, kind: str = "image") -> list[str]:
-    """The geometry remarks read_volume would make (qform/sform disagreement, oblique directions), from the
-    header alone (one DICOM file's orientation for a series): what inference reports before it reads the voxels.
-    Empty where the header cannot be read; read_volume then says what is wrong."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            from pipeline.dicomio import dicom_orientation
+def read_again(source: SourceFile, case: str | None, kind: str = "image") -> Volume:
+    """The input of a volume read a second time (an overlay's background image), refused unless it is still the
+    very file that was first read: same identity before this read and during it."""
+    source.check_unchanged(case, kind)
+    volume = read_volume(source.path, case=case, kind=kind)
+    if volume.source is None or (volume.source.files, volume.source.identity) != (source.files, source.identity):
+        raise source.changed(case, kind)
+    return volume
 
-            affine, notes = dicom_orientation(path), []
-        else:
-            img = nib.load(path)
-            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-                return []
-            affine, notes = _nifti_geometry(img, path, case, kind)
-        return notes + _check_affine(affine, path, case, kind)
-    except (Seg3dError, *_READ_ERRORS, RuntimeError, np.linalg.LinAlgError):
-        return []
+
+def check_read_whole(source: SourceFile, case: str | None, kind: str) -> None:
+    """After a read: the file (or every file of a series) kept its identity throughout, so the voxels and the
+    header read belong to one and the same file."""
+    if file_identity(source.files) != source.identity:
+        raise Seg3dError(
+            f"{kind} {source.path} changed while it was being read (replaced or rewritten); run the case again once "
+            "the file is final",
+            case=case,
+        )
 
 
 def to_ras(volume: Volume) -> Volume:
@@ -160,11 +211,16 @@ def to_ras(volume: Volume) -> Volume:
     return Volume(array=np.ascontiguousarray(array), affine=affine, notes=list(volume.notes))
 
 
-def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str], SourceFile]:
+    identity = file_identity([path])
+    if identity[0] is None:
+        raise Seg3dError(f"{kind} {path} cannot be read (gone, or no permission); check the path", case=case)
     try:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise ImageFileError(f"{type(img).__name__} is not NIfTI")
+        # What nibabel will read (the loaded header's vox_offset is reset to 0; the array proxy keeps the file's).
+        shape, offset = img.dataobj.shape, int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
     except _READ_ERRORS as err:
         raise _unreadable(path, case, kind, err) from None
     affine, notes = _nifti_geometry(img, path, case, kind)
@@ -176,12 +232,18 @@ def _read_nifti(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np
             "grey-scale volume",
             case=case,
         )
+    # nibabel allocates what the header declares before it finds the data missing: check the file holds it first.
+    check_nifti_size(
+        path, shape=shape, itemsize=dtype.itemsize, offset=offset, file_size=identity[0][2], case=case, kind=kind
+    )
     try:
         # nibabel reads lazily: the data must be read here, inside the try, for a truncated file to fail here.
         array = img.get_fdata(dtype=np.float32) if kind == "image" else np.asanyarray(img.dataobj)
     except _READ_ERRORS as err:
         raise _unreadable(path, case, kind, err) from None
-    return array, affine, notes
+    source = SourceFile(path=path, files=(str(path),), identity=identity, header=img.header.copy())
+    check_read_whole(source, case, kind)
+    return array, affine, notes, source
 
 
 def _unreadable(path: Path, case: str | None, kind: str, err: BaseException) -> Seg3dError:
@@ -193,19 +255,32 @@ def _unreadable(path: Path, case: str | None, kind: str, err: BaseException) -> 
 
 
 def _nifti_geometry(img, path: Path, case: str | None, kind: str) -> tuple[np.ndarray, list[str]]:
-    """The affine nibabel and MONAI use (sform if coded, else qform, else pixdim alone) and the notes on it."""
+    """The affine nibabel and MONAI use (sform if coded, else qform, else pixdim alone), in mm whatever spatial unit
+    the header declares, and the notes on it."""
     notes: list[str] = []
     header = img.header
+    unit = int(header["xyzt_units"]) & 0x07
+    to_mm = np.diag([MM_PER_UNIT.get(unit, 1.0)] * 3 + [1.0])
     try:
         qform, qcode = header.get_qform(coded=True)
         sform, scode = header.get_sform(coded=True)
-        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # a NaN or huge entry is _check_affine's to report
+            affine = to_mm @ np.asarray(header.get_best_affine(), dtype=np.float64)
+            qform = None if qform is None else to_mm @ qform
+            sform = None if sform is None else to_mm @ sform
     except _GEOMETRY_ERRORS as err:
         raise Seg3dError(
             f"{kind} {path} has an invalid qform/sform ({one_line(err, limit=1000)}); fix the header's geometry "
             "(e.g. re-convert the DICOM with dcm2niix)",
             case=case,
         ) from None
+    if unit in MM_PER_UNIT:
+        notes.append(
+            Note(
+                f"{kind} {path.name}: the header's spatial unit is {UNIT_NAMES[unit]} (xyzt_units); its geometry was "
+                f"converted to mm (x {MM_PER_UNIT[unit]:g}), and outputs keep the header's unit"
+            )
+        )
     if qcode and scode and not np.allclose(qform, sform, atol=AFFINE_TOL):
         q_axes, s_axes = _axcodes(qform), _axcodes(sform)
         if np.isfinite(qform).all() and np.isfinite(sform).all():

@@ -7,6 +7,7 @@ user fixes a dataset in one pass rather than one crash at a time; it also gather
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,24 @@ class Report:
         return "\n".join(lines)
 
 
+def training_dataset(data: Path, labels: dict[str, int] | None) -> tuple[Dataset, Report]:
+    """The dataset a training reads (`labels`: a config's data.labels selection, background added) and check-data's
+    report of it; refused in one line, before any compute, when check-data finds an error in a training case."""
+    from pipeline.datalists import load_dataset
+
+    if labels:
+        labels = labels if "background" in labels else {"background": 0, **labels}
+    dataset = load_dataset(data, labels=dict(labels) if labels else None)
+    report = check_dataset(dataset, include_test=False)
+    if not report.ok:
+        errors = [f for f in report.findings if f.level == "error"]
+        raise Seg3dError(
+            f"dataset {data} has {len(errors)} problem(s), first: {errors[0].case}: {errors[0].message}; "
+            f"run `seg3d check-data {data}` for all of them"
+        )
+    return dataset, report
+
+
 def check_dataset(dataset: Dataset, include_test: bool = True) -> Report:
     """Read every case and report every problem, each with its case id; nothing stops at the first."""
     findings: list[Finding] = []
@@ -143,7 +162,7 @@ def _check_case(dataset: Dataset, case: Case, findings: list[Finding]) -> CaseIn
 
     hu_range = (float("nan"), float("nan"))
     if image is not None:
-        hu_range = _check_intensities(image.array, report)
+        hu_range = check_intensities(image.array, report)
         if image.axcodes != "RAS":
             report("info", f"image stored {image.axcodes}; reoriented to RAS for training (no resampling)")
         if min(image.array.shape) < 2:
@@ -184,7 +203,9 @@ def _check_case(dataset: Dataset, case: Case, findings: list[Finding]) -> CaseIn
     )
 
 
-def _check_intensities(array: np.ndarray, report) -> tuple[float, float]:
+def check_intensities(array: np.ndarray, report: Callable[[str, str], None]) -> tuple[float, float]:
+    """The one HU rule, of check-data and of inference alike: `report(level, message)` for each finding ("error":
+    this is not a CT in HU, refuse it; "warning": usable, but say so). Returns the finite range."""
     finite = np.isfinite(array)
     if not finite.all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
@@ -204,6 +225,14 @@ def _check_intensities(array: np.ndarray, report) -> tuple[float, float]:
             "error",
             f"intensities {lo:.6g}..{hi:.6g} lie beyond [{HU_MIN:g}, {HU_MAX:g}], which no CT stores as HU; "
             "check the rescale slope/intercept or that this is CT",
+        )
+    elif lo >= 0:
+        # Every CT of a body holds air (-1000 HU) or at least fat (-100 HU); raw scanner values (0..4095) and MR
+        # intensities are never negative.
+        report(
+            "error",
+            f"intensities {lo:.6g}..{hi:.6g} hold no negative value, so no air or fat: raw scanner values without "
+            "the rescale, or not a CT (MR?); give the CT in HU (HU = stored value x RescaleSlope + RescaleIntercept)",
         )
     elif lo > -900:
         report("warning", f"no air below -900 HU (range {lo:.0f}..{hi:.0f}); a tight crop, or not HU?")

@@ -69,6 +69,8 @@ def overlay_png(
             if mask is None:
                 continue
             m = _views(mask, centre)[col]
+            if min(m.shape) < 2:
+                continue  # a view across a one-slice image: a line, nothing to outline (the other views show it)
             for cls in range(1, len(label_names)):
                 if (m == cls).any():
                     ax.contour(

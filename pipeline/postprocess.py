@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.config import PostprocessConfig
-from pipeline.errors import Seg3dError
+from pipeline.errors import Seg3dError, shown
 from pipeline.grid import bounding_box
 
 # What `inside: null` stands for (and `tumour_inside_pancreas: true` in bundles written before `inside` existed):
@@ -41,7 +41,7 @@ def inside_rules(cfg: PostprocessConfig, names: list[str]) -> list[tuple[int, in
             if name not in names[1:]:
                 what = "is the background" if names and name == names[0] else "is not a class of this model"
                 raise Seg3dError(
-                    f"postprocess.inside names {name!r}, which {what}; the model's foreground classes are "
+                    f"postprocess.inside names {shown(name)}, which {what}; the model's foreground classes are "
                     f"{', '.join(names[1:])}. Fix postprocess.inside in the config (or run with --no-postprocess)"
                 )
         rules.append((names.index(tumour), names.index(organ)))

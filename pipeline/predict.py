@@ -2,9 +2,10 @@
 
 One sliding-window path serves validation during training and `seg3d infer`: MONAI's sliding-window inference with
 Gaussian blending (sigma = patch * sigma_scale, 1/8 as nnU-Net) and batched windows, optionally mirrored over all
-8 flip combinations (test-time augmentation). `predict_file` maps the probabilities back into the input's own
-voxel grid (pipeline/grid.py) and post-processes the labels (pipeline/postprocess.py); pipeline/writers.py puts
-a Prediction into files.
+8 flip combinations (test-time augmentation). `predict_file` reads the input once (refusing what is not a CT in HU
+by check-data's own rule), maps the probabilities back into the input's own voxel grid (pipeline/grid.py) and
+post-processes the labels (pipeline/postprocess.py); pipeline/writers.py puts a Prediction into files, from what
+was read (the Prediction's `source`), never from the input read again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +27,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from attention3d.fusion import fold_batch_norms
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.devices import autocast, resolve_precision
+from pipeline.errors import Seg3dError
 from pipeline.grid import Grid, argmax_classes, labels_in_grid, resample_to_grid
+from pipeline.imageio import SourceFile, Volume, read_volume
+from pipeline.integrity import check_intensities
 from pipeline.postprocess import inside_rules, postprocess
-from pipeline.transforms import IMAGE, Preprocessing, as_record, inference_transforms
+from pipeline.transforms import IMAGE, Preprocessing, inference_transforms
 
 FLIPS = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]  # the 8 mirrorings of (B, C, X, Y, Z)
 
@@ -39,6 +44,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # (K, *S) float32 in the input grid, when asked for
     gate: np.ndarray | None = None  # the finest attention-gate map in [0, 1], input grid, when asked for
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    source: SourceFile | None = None  # the input as it was read: its identity and NIfTI header, for the writers
 
 
 class _Timed(nn.Module):
@@ -191,13 +197,50 @@ class Predictor:
         return total, network.seconds
 
     def predict_file(
-        self, image: Path | str, case: str | None = None, probabilities: bool = False, gates: bool = False
+        self,
+        image: Path | str,
+        case: str | None = None,
+        probabilities: bool = False,
+        gates: bool = False,
+        notes: Callable[[str], None] | None = None,
     ) -> Prediction:
-        """A CT file or DICOM folder -> labels in the file's own voxel grid (same shape and affine)."""
-        timings: dict[str, float] = {}
+        """A CT file or DICOM folder -> labels in the file's own voxel grid (same shape and affine). The file is read
+        once; `notes` receives what is worth saying about it (geometry, units, a HU warning) before any compute."""
         t = time.perf_counter()
-        data = self.transforms(as_record(case or Path(image).name, image), end=1)  # read
-        timings["load"] = time.perf_counter() - t
+        name = case or Path(image).name
+        volume = self.read_input(image, case=name, notes=notes)
+        source = volume.source
+        record = {"case": name, IMAGE: volume}
+        del volume  # the chain's copy is the only one kept through the network
+        data = self.transforms(record, end=1)
+        del record
+        return self._predict_loaded(
+            data, source, load_s=time.perf_counter() - t, probabilities=probabilities, gates=gates
+        )
+
+    def read_input(
+        self, image: Path | str, case: str | None = None, notes: Callable[[str], None] | None = None
+    ) -> Volume:
+        """Read a CT once, refusing what is not in HU by check-data's rule; its notes go to `notes`."""
+        name = case or Path(image).name
+        volume = read_volume(image, case=name, kind="image")
+        for note in [*volume.notes, *_hu_warnings(volume.array, image, case=name)]:
+            if notes is not None:
+                notes(str(note))
+        return volume
+
+    def predict_volume(self, volume: Volume, case: str, probabilities: bool = False, gates: bool = False) -> Prediction:
+        """predict_file on a CT read already (read_input), left as it is: an ensemble's members share one read."""
+        t = time.perf_counter()
+        data = self.transforms({"case": case, IMAGE: volume}, end=1)
+        return self._predict_loaded(
+            data, volume.source, load_s=time.perf_counter() - t, probabilities=probabilities, gates=gates
+        )
+
+    def _predict_loaded(
+        self, data: dict, source: SourceFile | None, *, load_s: float, probabilities: bool, gates: bool
+    ) -> Prediction:
+        timings = {"load": load_s}
         t = time.perf_counter()
         img: MetaTensor = self.transforms(data, start=1).pop(IMAGE)
         timings["preprocess"] = time.perf_counter() - t
@@ -217,4 +260,18 @@ class Predictor:
             labels = postprocess(labels, self.pre.label_names, self.postprocessing)
         gate = resample_to_grid(probs[k : k + 1], grid)[0].clamp(0, 1).numpy() if gates and self.has_gates else None
         timings["invert"] = time.perf_counter() - t
-        return Prediction(labels, original_affine, full.numpy() if full is not None else None, gate, timings)
+        return Prediction(
+            labels, original_affine, full.numpy() if full is not None else None, gate, timings, source=source
+        )
+
+
+def _hu_warnings(array: np.ndarray, image: Path | str, case: str) -> list[str]:
+    """check-data's HU rule (pipeline.integrity.check_intensities) on the image inference was given: an error
+    refuses it, with the fix; warnings are returned, to be said before the compute."""
+    findings: list[tuple[str, str]] = []
+    check_intensities(array, lambda level, message: findings.append((level, message)))
+    said = [(level, f"image {Path(image).name}: {message.removeprefix('image ')}") for level, message in findings]
+    for level, message in said:
+        if level == "error":
+            raise Seg3dError(message, case=case)
+    return [message for _, message in said]

@@ -19,7 +19,7 @@ from pipeline import faults
 from pipeline.bundle import load_checkpoint, load_state_dict_checked, save_bundle
 from pipeline.config import Config
 from pipeline.epochs import RunProgress
-from pipeline.fileio import atomic_write_csv
+from pipeline.fileio import atomic_write_csv, check_inside
 from pipeline.rank_setup import validation_predictor
 from pipeline.run_folder import CHECKPOINTS, git_commit
 from pipeline.tracking import Tracker
@@ -61,8 +61,10 @@ def finish_run(
     class_names: list[str],
     val_records: list[dict],
     split: dict,
+    register: bool = True,
 ) -> TrainResult:
-    """Rank 0: write and log the run's results, register the bundle, end the MLflow run FINISHED."""
+    """Rank 0: write and log the run's results, register the bundle (unless `register` is false), end the MLflow run
+    FINISHED."""
     from pipeline.imageio import read_volume
     from pipeline.plots import curves_png, overlay_png
 
@@ -98,7 +100,7 @@ def finish_run(
         pred = predictor.predict_file(record[IMAGE], case=record["case"])
         image, label = read_volume(record[IMAGE], record["case"]), read_volume(record[LABEL], record["case"], "label")
         overlay = overlay_png(
-            run_dir / f"overlay_{record['case']}.png",
+            check_inside(run_dir, run_dir / f"overlay_{record['case']}.png", what="RUN_DIR"),
             image=image.array,
             affine=image.affine,
             reference=pre.remap(label.array),
@@ -112,7 +114,7 @@ def finish_run(
     if table["case"]:
         tracker.log_table(table, "per_case_dice.json")
     tracker.log_artifacts(bundle, "bundle")
-    version = tracker.register_model("bundle", cfg.registry_name)
+    version = tracker.register_model("bundle", cfg.registry_name) if register else None
     faults.point("train.finish")
     tracker.end("FINISHED")
     return TrainResult(

@@ -24,12 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
 from filelock import FileLock, Timeout
 
 from pipeline.bundle import load_checkpoint
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import Config, load_config
 from pipeline.errors import Seg3dError
-from pipeline.fileio import atomic_write_text, remove_temporaries
+from pipeline.fileio import atomic_write_all, atomic_write_text, remove_temporaries
 
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
@@ -134,12 +135,21 @@ def write_run_files(
     """run.json every time; for a fresh run also the config, the split and the preprocessing (a resumed run keeps
     the ones it started with)."""
     if fresh:
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_text(run_dir / "split.json", json.dumps(split, indent=2))
-        atomic_write_text(run_dir / "preprocessing.json", preprocessing)
+        # All or none: a full disk while writing them must not leave a config.yaml that makes the folder look like
+        # a started run (refused without --resume) while the split or preprocessing it needs to resume is missing.
+        texts = {
+            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+            "split.json": json.dumps(split, indent=2),
+            "preprocessing.json": preprocessing,
+        }
         if config_path is not None:
-            atomic_write_text(run_dir / "config.source.yaml", Path(config_path).read_text())
+            texts["config.source.yaml"] = Path(config_path).read_text()
+        atomic_write_all([(run_dir / name, _writer(text)) for name, text in texts.items()])
     atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2))
+
+
+def _writer(text: str):
+    return lambda tmp: Path(tmp).write_text(text)
 
 
 def git_commit() -> str:

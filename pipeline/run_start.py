@@ -29,10 +29,12 @@ from pipeline.datalists import kfold_split
 from pipeline.distributed import Dist, restart_count
 from pipeline.epochs import epoch_metrics
 from pipeline.errors import Seg3dError
+from pipeline.fileio import require_output_folder
 from pipeline.rank_setup import Setup
 from pipeline.run_folder import RunLock, git_commit, prepare_run_dir, sweep_temporaries, write_run_files
 from pipeline.tracking import Tracker
 from pipeline.transforms import Preprocessing, as_record, compute_preprocessing
+from pipeline.yamlio import read_text
 
 
 @dataclass
@@ -71,9 +73,9 @@ def plan_run(
 ) -> tuple[Plan, RunContext]:
     """Rank 0: lock RUN_DIR (until `stack` closes), check the config, tracking store and dataset, fix split and
     preprocessing."""
-    from pipeline.datalists import load_dataset
-    from pipeline.integrity import check_dataset
+    from pipeline.integrity import training_dataset
 
+    require_output_folder(run_dir)  # a read-only, full or impossible --output: one line now, not a traceback later
     run_dir.mkdir(parents=True, exist_ok=True)
     stack.enter_context(RunLock(run_dir))
     sweep_temporaries(run_dir)
@@ -84,22 +86,12 @@ def plan_run(
         run_info.get("tracking_uri") if resume and not tracking_uri else tracking_uri, cfg.experiment, run_dir
     )
 
-    labels = None
-    if cfg.data.labels:
-        labels = dict(cfg.data.labels)
-        labels = labels if "background" in labels else {"background": 0, **labels}
-    dataset = load_dataset(data, labels=labels)
-    report = check_dataset(dataset, include_test=False)
-    if not report.ok:
-        errors = [f for f in report.findings if f.level == "error"]
-        raise Seg3dError(
-            f"dataset {data} has {len(errors)} problem(s), first: {errors[0].case}: {errors[0].message}; "
-            f"run `seg3d check-data {data}` for all of them"
-        )
+    dataset, report = training_dataset(data, cfg.data.labels)
     tracker.check()  # a dead server is an error now, not after training (and a bad dataset leaves no store behind)
 
     if state is None or not (run_dir / "split.json").exists():
-        split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed)
+        split_seed = cfg.train.seed if cfg.train.split_seed is None else cfg.train.split_seed
+        split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, split_seed)
     else:
         split = json.loads((run_dir / "split.json").read_text())
     cases = {c.case: c for c in dataset.cases}
@@ -113,9 +105,15 @@ def plan_run(
         )
     infos = {i.case: i for i in report.infos}
     if (run_dir / "preprocessing.json").exists() and resume:
-        pre = Preprocessing.from_json((run_dir / "preprocessing.json").read_text())
+        stored = run_dir / "preprocessing.json"
+        pre = Preprocessing.from_json(read_text(stored), where=str(stored))  # every field checked, as a bundle's
     else:
         pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
+        # What the bundle will carry is checked before anything is written: a bundle that would not load is never made.
+        pre.validate(
+            f"dataset {data}: the preprocessing computed from its training cases",
+            fix="check them with `seg3d check-data` (a foreground of one intensity needs data.intensity.mode=window)",
+        )
 
     spacings = np.array([infos[c].spacing_ras for c in split["train"]])
     dataset_params = {
@@ -150,9 +148,11 @@ def start_run(
     run_dir: Path,
     data: Path,
     config_path: Path | str | None,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """Rank 0: start (or resume) the MLflow run and write the run's files, now that nothing is left to refuse;
-    returns the run id. The run ends FAILED (KILLED on Ctrl-C) if this fails after it started."""
+    returns the run id. `extra_tags` are set on the run too (a study's parent-run tag). The run ends FAILED (KILLED
+    on Ctrl-C) if this fails after it started."""
     cfg, tracker = context.cfg, context.tracker
     pre = Preprocessing.from_json(plan.preprocessing)
     device = setup.device
@@ -165,8 +165,12 @@ def start_run(
         "precision": str(setup.amp_dtype).removeprefix("torch."),
         "fold": str(cfg.train.fold),
     }
+    tags.update(extra_tags or {})
     if dist.enabled:
         tags["distributed"] = f"{dist.world} ranks, {dist.backend}"
+    # Room for what the run will write: last.pt and best.pt (weights and two Adam moments each) and the bundle.
+    weights = sum(p.numel() * p.element_size() for p in setup.model.parameters())
+    require_output_folder(run_dir, need_bytes=7 * weights)
     run_info = plan.run_info
     run_id = tracker.start(run_name=run_info.get("run_name", run_dir.name), tags=tags, run_id=run_info.get("run_id"))
     try:

@@ -9,15 +9,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from attention3d import create_model, list_models
-from pipeline.errors import Seg3dError
+from pipeline.errors import Seg3dError, one_line
 
 
 def build(name: str, **overrides) -> nn.Module:
     """create_model with the registry's ValueError turned into the project's error."""
     try:
         return create_model(name, **overrides)
-    except ValueError as err:
-        raise Seg3dError(str(err)) from None
+    except (ValueError, TypeError, RuntimeError) as err:  # MONAI's norm factory raises several lines of text
+        raise Seg3dError(one_line(err, limit=600)) from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -5,7 +5,8 @@ Anatomy is laid out in "body millimetres" of an adult abdomen (x to the patient'
 z superior, origin at the pancreatic body) and scaled as a whole to the case's field of view, so every organ
 keeps its place relative to the others whatever the voxel size. HU values are portal-venous-phase values.
 The pancreas is deliberately as bright as liver and spleen, and decoys with its intensity and texture sit in
-the wrong places: intensity alone cannot find it, context can.
+the wrong places: intensity alone cannot find it, context can. Where the decoys are is written beside each case
+(decoysTr/, decoysTs/: 1 = decoy voxel), so that a study can count how much of them a model labels pancreas.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import Seg3dError
-from pipeline.fileio import atomic_write, atomic_write_text
+from pipeline.fileio import atomic_write, atomic_write_text, require_output_folder
 
 LABELS = {"0": "background", "1": "pancreas", "2": "cancer"}
+MAX_CASES = 10_000
 ORIENTATIONS = ("RAS", "LPS", "LAS")
+DECOY_KINDS = ("classic", "matched")  # matched: see pipeline.phantom_decoys
 
 HU = {
     "air": -1000.0,
@@ -67,7 +71,8 @@ def draw_spec(rng: np.random.Generator, index: int = 0) -> CaseSpec:
     )
 
 
-def _bezier(p0, p1, p2, n: int = 48) -> np.ndarray:
+def bezier(p0, p1, p2, n: int = 48) -> np.ndarray:
+    """n points of the quadratic Bezier curve from p0 to p2 pulled towards p1 (all in one plane)."""
     t = np.linspace(0.0, 1.0, n)[:, None]
     return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2  # (n, 3)
 
@@ -114,8 +119,30 @@ def _texture(rng: np.random.Generator, shape, sigma_vox) -> np.ndarray:
     return field / (field.std() + 1e-6)
 
 
+class Phantom(NamedTuple):
+    """One phantom case, arrays in RAS voxel order."""
+
+    image: np.ndarray  # int16 HU
+    label: np.ndarray  # uint8: 0 background, 1 pancreas, 2 cancer
+    affine: np.ndarray  # 4x4, voxel -> RAS mm
+    decoys: np.ndarray  # uint8: 1 where a decoy was painted (pancreas-like tissue where no pancreas belongs)
+
+
 def make_phantom(rng: np.random.Generator, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One phantom in RAS voxel order: (image int16 HU, label uint8, 4x4 RAS affine)."""
+    """One phantom in RAS voxel order: (image int16 HU, label uint8, 4x4 RAS affine); make_case adds the decoys."""
+    image, label, affine, _ = make_case(rng, spec)
+    return image, label, affine
+
+
+def make_case(rng: np.random.Generator, spec: CaseSpec, *, decoys: str = "classic") -> Phantom:
+    """One phantom case with its decoy mask. The mask is only recorded: image and label are those make_phantom has
+    always drawn from the same seed, since published benchmark numbers were measured on them.
+
+    `decoys="matched"` draws decoys that match the gland's length and surroundings too (pipeline.phantom_decoys);
+    anatomy, label and noise are those of "classic": only the decoys and what they paint round them differ.
+    """
+    if decoys not in DECOY_KINDS:
+        raise Seg3dError(f"decoys must be one of {', '.join(DECOY_KINDS)}, got {decoys!r}")
     # Separate streams, so that the number of decoys changes neither the anatomy nor the noise.
     rng, decoy_rng, noise_rng = rng.spawn(3)
     fov = spec.shape[0] * spec.spacing[0]
@@ -162,7 +189,7 @@ def make_phantom(rng: np.random.Generator, spec: CaseSpec) -> tuple[np.ndarray, 
     p0 = np.array([42 + sh(), 6 + sh(), -14 + sh(4)])
     p1 = np.array([0 + sh(), 24 + sh(), 0 + sh(4)])
     p2 = np.array([-78 + sh(), -22 + sh(), 16 + sh(4)])
-    curve = _bezier(p0, p1, p2)
+    curve = bezier(p0, p1, p2)
     radii = np.linspace(14 * j(0.1), 8 * j(0.1), len(curve))
     # Duodenum: a C-loop hugging the pancreatic head on its right.
     angles = np.linspace(-0.6 * np.pi, 0.75 * np.pi, 32)
@@ -193,15 +220,33 @@ def make_phantom(rng: np.random.Generator, spec: CaseSpec) -> tuple[np.ndarray, 
         img[tumour] = HU["tumour"] + 8 * tex[tumour]
         label[tumour] = 2
 
-    # Decoys: pancreas-like tubes where no pancreas belongs (anterior fat, flank, pelvis, beside the liver).
-    sites = [(0, 80, -60), (-110, 20, -70), (20, 40, -150), (95, -20, -110), (-30, 70, 120)]
-    for idx in decoy_rng.permutation(len(sites))[: spec.decoys]:
-        c = np.array(sites[idx], dtype=float) + decoy_rng.uniform(-8, 8, 3)
-        d = decoy_rng.normal(size=3)
-        d /= np.linalg.norm(d)
-        pts = _bezier(c - 25 * d, c + decoy_rng.uniform(-10, 10, 3), c + 25 * d, n=24)
-        decoy = g.tube(pts, np.linspace(11, 7, len(pts))) & (label == 0)
-        paint_pancreas_like(decoy)
+    if decoys == "matched" and spec.decoys:
+        # Imported here: pipeline.phantom_decoys imports this module's HU table and curves.
+        from pipeline.phantom_decoys import Scene, paint_matched_decoys
+
+        scene = Scene(
+            image=img,
+            grid=g,
+            body=body,
+            cavity=(ax - 24, ay - 24),
+            avoid=[(curve, radii + 4.0), (duo, np.full(len(duo), 10.0))],  # the gland's fat plane, duodenum
+            texture=tex,
+            paint_pancreas_like=paint_pancreas_like,
+        )
+        decoy_mask = paint_matched_decoys(decoy_rng, count=spec.decoys, scene=scene)
+    else:
+        # Classic decoys: short pancreas-like tubes where no pancreas belongs (anterior fat, flank, pelvis, beside
+        # the liver).
+        sites = [(0, 80, -60), (-110, 20, -70), (20, 40, -150), (95, -20, -110), (-30, 70, 120)]
+        decoy_mask = np.zeros(spec.shape, dtype=bool)
+        for idx in decoy_rng.permutation(len(sites))[: spec.decoys]:
+            c = np.array(sites[idx], dtype=float) + decoy_rng.uniform(-8, 8, 3)
+            d = decoy_rng.normal(size=3)
+            d /= np.linalg.norm(d)
+            pts = bezier(c - 25 * d, c + decoy_rng.uniform(-10, 10, 3), c + 25 * d, n=24)
+            decoy = g.tube(pts, np.linspace(11, 7, len(pts))) & (label == 0)
+            paint_pancreas_like(decoy)
+            decoy_mask |= decoy & body  # exactly the voxels paint_pancreas_like changed
 
     # Partial volume (half a voxel of blur per axis), then quantum noise.
     img = ndimage.gaussian_filter(img, sigma=0.5)
@@ -210,7 +255,7 @@ def make_phantom(rng: np.random.Generator, spec: CaseSpec) -> tuple[np.ndarray, 
 
     affine = np.diag([*spec.spacing, 1.0])
     affine[:3, 3] = [-(n - 1) / 2 * sp for n, sp in zip(spec.shape, spec.spacing)]
-    return image, label, affine
+    return Phantom(image=image, label=label, affine=affine, decoys=decoy_mask.astype(np.uint8))
 
 
 def to_nifti(array: np.ndarray, affine: np.ndarray, orientation: str) -> nib.Nifti1Image:
@@ -232,20 +277,40 @@ def save_atomic(img: nib.Nifti1Image, path: Path) -> None:
     atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
-def synthesize(out: Path, cases: int, seed: int = 0, test_cases: int | None = None, overwrite: bool = False) -> Path:
+def synthesize(
+    out: Path,
+    cases: int,
+    seed: int = 0,
+    test_cases: int | None = None,
+    overwrite: bool = False,
+    decoys: str = "classic",
+) -> Path:
     """Write `cases` training and `test_cases` test phantoms in MSD layout under `out`; returns dataset.json.
 
     Test labels go to `labelsTs/` (not part of the MSD layout, which withholds them) so that inference can
-    be scored on the phantom test set.
+    be scored on the phantom test set. Each case's decoy mask (uint8, 1 = decoy voxel, the image's geometry) goes to
+    `decoysTr/` or `decoysTs/`: training entries name it under "decoy"; a test case's is found by its name, as its
+    label in `labelsTs/` is. `decoys` is "classic" or "matched" (see make_case); dataset.json records it and the seed
+    under "seg3d_phantom", so that a study on the data says which phantom it ran on.
     """
-    if cases < 1:
-        raise Seg3dError(f"--cases must be at least 1, got {cases}")
+    if decoys not in DECOY_KINDS:
+        raise Seg3dError(f"--decoys must be one of {', '.join(DECOY_KINDS)}, got {decoys!r}")
+    if not 1 <= cases <= MAX_CASES:
+        raise Seg3dError(f"--cases must be 1..{MAX_CASES}, got {cases}")
     test_cases = max(1, cases // 4) if test_cases is None else test_cases
+    if not 0 <= test_cases <= MAX_CASES:
+        raise Seg3dError(f"--test-cases must be 0..{MAX_CASES}, got {test_cases}")
+    if not 0 <= seed < 2**63:
+        raise Seg3dError(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
     out = Path(out)
     manifest = out / "dataset.json"
     if manifest.exists() and not overwrite:
         raise Seg3dError(f"{manifest} already exists; choose another --out or pass --overwrite")
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+    if out.exists() and not out.is_dir():
+        raise Seg3dError(f"--out {out} is a file; give a folder for the dataset")
+    # About 4 MB per case as written (int16 image and uint8 label, gzip), with room to spare.
+    require_output_folder(out, need_bytes=8 * 2**20 * (cases + test_cases), what="--out")
+    for sub in ("imagesTr", "labelsTr", "decoysTr", "imagesTs", "labelsTs", "decoysTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     training, test = [], []
@@ -253,18 +318,26 @@ def synthesize(out: Path, cases: int, seed: int = 0, test_cases: int | None = No
         case = f"pancreas_{index + 1:03d}"
         rng = np.random.default_rng([seed, index])
         spec = draw_spec(rng, index)
-        image, label, affine = make_phantom(rng, spec)
+        image, label, affine, decoy_mask = make_case(rng, spec, decoys=decoys)
         split = ("Tr", training) if index < cases else ("Ts", test)
         save_atomic(to_nifti(image, affine, spec.orientation), out / f"images{split[0]}" / f"{case}.nii.gz")
         save_atomic(to_nifti(label, affine, spec.orientation), out / f"labels{split[0]}" / f"{case}.nii.gz")
+        save_atomic(to_nifti(decoy_mask, affine, spec.orientation), out / f"decoys{split[0]}" / f"{case}.nii.gz")
         if split[0] == "Tr":
-            training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+            training.append(
+                {
+                    "image": f"./imagesTr/{case}.nii.gz",
+                    "label": f"./labelsTr/{case}.nii.gz",
+                    "decoy": f"./decoysTr/{case}.nii.gz",
+                }
+            )
         else:
             test.append(f"./imagesTs/{case}.nii.gz")
 
+    matched = ", matched to the pancreas in length and surroundings" if decoys == "matched" else ""
     dataset = {
         "name": "Pancreas",
-        "description": "seg3d synthetic CT phantom (pancreas and pancreatic tumour, with context decoys)",
+        "description": f"seg3d synthetic CT phantom (pancreas and pancreatic tumour, with context decoys{matched})",
         "reference": "seg3d pipeline.synthetic",
         "licence": "CC-BY-SA 4.0",
         "release": "1.0",
@@ -275,6 +348,7 @@ def synthesize(out: Path, cases: int, seed: int = 0, test_cases: int | None = No
         "numTest": len(test),
         "training": training,
         "test": test,
+        "seg3d_phantom": {"seed": seed, "decoys": decoys},
     }
     atomic_write_text(manifest, json.dumps(dataset, indent=4))
     return manifest

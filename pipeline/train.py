@@ -42,6 +42,8 @@ def train(
     resume: bool = False,
     config_path: Path | str | None = None,
     progress: bool | None = None,
+    tags: dict[str, str] | None = None,
+    register: bool = True,
 ) -> TrainResult:
     """Train one fold into RUN_DIR `output`; see the module docstring. `cfg` may be None with resume=True (the
     stored config is used). `progress`: bars and epoch lines (None: only on a terminal).
@@ -50,6 +52,9 @@ def train(
     and the MLflow run; all ranks train a DistributedDataParallel copy on their own share of the cases. After
     torchrun restarted the group (TORCHELASTIC_RESTART_COUNT > 0), a run folder that already holds this run is
     resumed from its last checkpoint. Every rank returns rank 0's report of the run with its own network and cases.
+
+    `tags` are added to the MLflow run's tags (`seg3d study` sets the parent run); `register=False` leaves the bundle
+    out of the model registry (a study registers only its champion).
 
     The process's thread count and cuDNN flags, which training sets, are as they were when this returns or raises.
     """
@@ -88,6 +93,7 @@ def train(
                     run_dir=run_dir,
                     data=Path(data),
                     config_path=config_path,
+                    extra_tags=tags,
                 )
             )
             plan.state = None  # the weights live in the model and optimiser now; do not hold a second copy
@@ -116,6 +122,7 @@ def train(
                         class_names=plan.class_names,
                         val_records=plan.val_records,
                         split=plan.split,
+                        register=register,
                     )
                 )
             except BaseException as e:

@@ -46,8 +46,9 @@ from monai.transforms import (
 
 from pipeline.config import Config
 from pipeline.datalists import remap_labels
-from pipeline.errors import Seg3dError
-from pipeline.imageio import c_ordered, read_volume
+from pipeline.errors import Seg3dError, one_line
+from pipeline.imageio import Volume, c_ordered, read_volume
+from pipeline.limits import check_resampled_size
 
 IMAGE, LABEL = "image", "label"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes as nibabel reads them (MONAI's current default)
@@ -78,11 +79,27 @@ class Preprocessing:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> Preprocessing:
-        raw = json.loads(text)
-        raw["target_spacing"] = tuple(raw["target_spacing"])
-        raw["clip"] = tuple(raw["clip"])
-        return cls(**raw)
+    def from_json(cls, text: str, where: str = "preprocessing.json") -> Preprocessing:
+        """Parse and check every field (pipeline/bundle_checks.py): a Seg3dError `where: 'std' must be ...`."""
+        from pipeline.bundle_checks import checked_preprocessing
+
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as err:  # bad JSON, a 5000-digit integer, nesting without end
+            raise Seg3dError(f"{where}: not valid JSON ({one_line(err, 80)})") from None
+        try:
+            return cls(**checked_preprocessing(raw))
+        except Seg3dError as err:
+            raise Seg3dError(f"{where}: {err}") from None
+
+    def validate(self, where: str = "preprocessing", fix: str = "") -> None:
+        """The checks from_json makes, on a Preprocessing made in memory (one training computed)."""
+        from pipeline.bundle_checks import checked_preprocessing
+
+        try:
+            checked_preprocessing(asdict(self))
+        except Seg3dError as err:
+            raise Seg3dError(f"{where}: {err}" + (f"; {fix}" if fix else "")) from None
 
     def remap(self, label: np.ndarray, case: str | None = None) -> np.ndarray:
         """Label-file values -> class indices (uint8), as the training data were mapped."""
@@ -144,7 +161,8 @@ class Chain(Compose):
 
 class LoadCTd(MapTransform):
     """Read a CT (NIfTI file or DICOM series folder) and its label map into channel-first MetaTensors whose
-    affine is the file's RAS world affine; label values become class indices."""
+    affine is the file's RAS world affine; label values become class indices. A key may also hold a `Volume` read
+    already (inference reads its input once, and keeps what it read for the writers)."""
 
     def __init__(self, pre: Preprocessing, keys=(IMAGE, LABEL), allow_missing_keys: bool = True):
         super().__init__(keys, allow_missing_keys)
@@ -154,7 +172,8 @@ class LoadCTd(MapTransform):
         d = dict(data)
         case = d.get("case")
         for key in self.key_iterator(d):
-            vol = read_volume(d[key], case=case, kind=key)
+            vol = d[key] if isinstance(d[key], Volume) else read_volume(d[key], case=case, kind=key)
+            name = d[key] if vol is not d[key] else (vol.source.path if vol.source is not None else "")
             array = vol.array
             if key == LABEL:
                 array = self.pre.remap(array, case=case)
@@ -168,7 +187,7 @@ class LoadCTd(MapTransform):
                         case=case,
                     )
             meta = {
-                "filename_or_obj": str(d[key]),
+                "filename_or_obj": str(name),
                 "original_affine": vol.affine.copy(),
                 "original_shape": tuple(array.shape),
                 "case": case or "",
@@ -197,6 +216,7 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
 
     def __init__(self, keys, pixdim, mode) -> None:
         super().__init__(keys)
+        self.pixdim = tuple(float(p) for p in pixdim)
         self.modes = dict(zip(self.keys, mode if isinstance(mode, (tuple, list)) else [mode] * len(self.keys)))
         self.spacing = {
             k: Spacingd(k, pixdim=pixdim, mode=m, padding_mode="border", dtype=np.float32)
@@ -207,7 +227,11 @@ class ResampleToSpacingd(MapTransform, InvertibleTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            pending = self.spacing[key]({key: img}, lazy=True)[key]
+            pending = self.spacing[key]({key: img}, lazy=True)[key]  # the output grid only: nothing allocated yet
+            case = img.meta.get("case") or None
+            check_resampled_size(
+                shape=pending.peek_pending_shape(), target_spacing=self.pixdim, affine=img.affine, case=case, kind=key
+            )
             ops = pending.pending_operations
             voxel_map = ops[-1]["lazy_affine"] if len(ops) == 1 else None
             # Nearest (labels) stays MONAI's: where a source coordinate falls halfway between two voxels, the label

@@ -1,6 +1,7 @@
 """Writers: every output of a prediction in the input's own geometry, written atomically.
 
-- NIfTI label map (uint8, the training label values) with the source NIfTI's own header;
+- NIfTI label map (uint8, the training label values) with the source NIfTI's own header, as it was read (the input
+  is never read again to write it), compressed for a .nii.gz name and not for a .nii name;
 - class probabilities as float16 in a .npz (NIfTI has no float16 type);
 - a DICOM Segmentation object referencing the source series, one segment per foreground class, each coded as
   DICOM PS3.16 asks: a segmented property category (CID 7150) and type (SNOMED CT) from `SEGMENT_CODES`.
@@ -22,16 +23,22 @@ from pipeline.fileio import atomic_write
 from pipeline.imageio import fortran_ordered
 
 if TYPE_CHECKING:
+    from pipeline.imageio import SourceFile
     from pipeline.predict import Prediction
     from pipeline.transforms import Preprocessing
 
 
-def _save_nifti(array: np.ndarray, *, source: Path, affine: np.ndarray, out: Path, dtype) -> Path:
-    """Save with the source NIfTI's own header (qform and sform with their codes, units), so the output has
-    exactly its geometry; for a DICOM series, a header made from the series' affine."""
+def nifti_suffix(path: Path) -> str:
+    """The suffix that makes nibabel write what the name says: plain NIfTI for .nii, gzip for anything else."""
+    return ".nii" if Path(path).name.lower().endswith(".nii") else ".nii.gz"
+
+
+def _save_nifti(array: np.ndarray, *, header, affine: np.ndarray, out: Path, dtype) -> Path:
+    """Save with the source NIfTI's header as read (qform and sform with their codes, units), so the output has
+    exactly its geometry, in its units; without one (a DICOM series), a header made from the RAS mm affine."""
     array = fortran_ordered(array)
-    if source.is_file():
-        header = nib.load(source).header.copy()
+    if header is not None:
+        header = header.copy()
         img = nib.Nifti1Image(array, None, header=header)
         img.set_qform(header.get_qform(), code=int(header["qform_code"]))
         img.set_sform(header.get_sform(), code=int(header["sform_code"]))
@@ -39,9 +46,11 @@ def _save_nifti(array: np.ndarray, *, source: Path, affine: np.ndarray, out: Pat
         img = nib.Nifti1Image(array, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    atomic_write(out, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
+    # nibabel compresses by the file name: the temporary's suffix decides what lands under the output's name.
+    atomic_write(out, lambda tmp: nib.save(img, tmp), suffix=nifti_suffix(out))
     return out
 
 
@@ -53,10 +62,11 @@ def label_values(labels: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return lut[labels]
 
 
-def write_labels(prediction: Prediction, pre: Preprocessing, *, source: Path, out: Path) -> Path:
-    """uint8 label map with the training label values, in exactly the source's geometry."""
+def write_labels(prediction: Prediction, pre: Preprocessing, *, out: Path) -> Path:
+    """uint8 label map with the training label values, in exactly the geometry of the input as it was read."""
     values = label_values(prediction.labels, pre)
-    return _save_nifti(values, source=source, affine=prediction.affine, out=out, dtype=np.uint8)
+    header = prediction.source.header if prediction.source is not None else None
+    return _save_nifti(values, header=header, affine=prediction.affine, out=out, dtype=np.uint8)
 
 
 def write_probabilities(prediction: Prediction, pre: Preprocessing, out: Path) -> Path:
@@ -108,17 +118,23 @@ def segment_codes(name: str) -> tuple[Code, Code]:
     return SEGMENT_CODES.get(name.lower(), (ANATOMICAL_STRUCTURE, ANATOMICAL_STRUCTURE))
 
 
-def dicom_seg_sources(series: Path) -> list:
+def dicom_seg_sources(series: Path, expect: SourceFile | None = None, case: str | None = None) -> list:
     """The series' datasets in the volume's z order (GDCM's sorting), checked for what a SEG must reference.
 
     Some anonymisers blank SOPClassUID/SOPInstanceUID in the data set while the file meta header keeps them;
     those are taken from the meta header. Blank study or series UIDs cannot be recovered: refused up front, before
-    any compute, since a SEG that references nothing is useless to a PACS."""
+    any compute, since a SEG that references nothing is useless to a PACS. With `expect` (the series as its voxels
+    were read), the files must be those very files, unchanged before and after this read: a SEG references the
+    slices that were segmented, not a series copied over them since."""
     import pydicom
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     files = reader.GetGDCMSeriesFileNames(str(series), reader.GetGDCMSeriesIDs(str(series))[0])
+    if expect is not None:
+        if tuple(str(f) for f in files) != expect.files:
+            raise expect.changed(case)
+        expect.check_unchanged(case)
     sources = []
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=False)
@@ -136,17 +152,32 @@ def dicom_seg_sources(series: Path) -> list:
                 "its source by these UIDs, so --dicom-seg cannot be used with it (the NIfTI output can)"
             )
         sources.append(ds)
+    if expect is not None:
+        expect.check_unchanged(case)
     return sources
 
 
-def write_dicom_seg(prediction: Prediction, pre: Preprocessing, *, series: Path, out: Path, model_name: str) -> Path:
-    """A DICOM Segmentation object referencing the source series, one segment per foreground class."""
+def write_dicom_seg(
+    prediction: Prediction,
+    pre: Preprocessing,
+    *,
+    out: Path,
+    model_name: str,
+    series: Path | None = None,
+    sources: list | None = None,
+) -> Path:
+    """A DICOM Segmentation object referencing the source series, one segment per foreground class. `sources`: the
+    series' datasets as dicom_seg_sources read them (checked against the prediction's source), else read here from
+    `series`, checked likewise."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from pipeline import __version__
 
-    sources = dicom_seg_sources(series)
+    if series is None and prediction.source is not None:
+        series = prediction.source.path
+    if sources is None:
+        sources = dicom_seg_sources(series, expect=prediction.source)
     mask = np.ascontiguousarray(prediction.labels.transpose(2, 1, 0))  # (x, y, z) -> (frames, rows, columns)
     if mask.shape != (len(sources), int(sources[0].Rows), int(sources[0].Columns)):
         raise Seg3dError(f"prediction {mask.shape} does not match the DICOM series in {series}")

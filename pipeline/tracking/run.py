@@ -279,8 +279,10 @@ class Tracker:
         run_id = self._require_run()
         self._attempt("set_tags", lambda: self._send_tags(run_id, tags))
 
-    def register_model(self, artifact_path: str, name: str) -> str | None:
-        """Register the run's artifact folder `artifact_path` (a model bundle) as a new version of model `name`.
+    def register_model(self, artifact_path: str, name: str, *, alias: str | None = None) -> str | None:
+        """Register the run's artifact folder `artifact_path` (a model bundle or ensemble) as a new version of model
+        `name`; with `alias` (e.g. "champion"), the new version takes that alias (MLflow's aliases, not the deprecated
+        stages; a version that held it loses it), so `models:/NAME@ALIAS` downloads it.
 
         The bundle is a plain folder of safetensors + config, not an MLflow-flavoured model, and MLflow 3's
         `mlflow.register_model("runs:/...")` only finds logged models; so the version is created directly from the
@@ -304,6 +306,11 @@ class Tracker:
             version.append(str(model_version.version))
 
         self._attempt(f"register_model {name!r} from {artifact_path!r}", send)
+        if version and alias is not None:  # the version exists either way; a failed alias is its own warning
+            self._attempt(
+                f"set_registered_model_alias {alias!r} on version {version[0]} of {name!r}",
+                lambda: self._client.set_registered_model_alias(name, alias, version[0]),
+            )
         return version[0] if version else None
 
     def end(self, status: str = "FINISHED") -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,14 +66,19 @@ def check_store(uri: str) -> None:
     So a typo in --tracking-uri costs seconds, not an epoch.
     """
     scheme = urlparse(uri).scheme
-    if scheme in ("http", "https"):
+    if scheme in ("http", "https") and urlparse(uri).netloc:
         _check_server(uri)
-    elif scheme == "sqlite":
+    elif uri.startswith("sqlite:///") and uri != "sqlite:///":
         path = sqlite_path(uri)
         if path is not None:
             _check_writable(uri, path)
-    elif scheme == "file":
-        _check_writable(uri, Path(urllib.request.url2pathname(urlparse(uri).path)))
+    else:
+        # MLflow 3 refuses the rest itself, but only when the run starts: a plain folder or file: URI (its file store
+        # is in maintenance mode), sqlite://NAME (two slashes), databases whose drivers seg3d does not ship, typos.
+        raise Seg3dError(
+            f"tracking URI {uri[:200]!r} is not one seg3d can use; give sqlite:///PATH (a local database file, the"
+            " default ./mlflow.db) or http(s)://HOST:PORT of an `mlflow server`"
+        )
 
 
 def _check_server(uri: str) -> None:

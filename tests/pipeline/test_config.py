@@ -12,7 +12,7 @@ from pipeline.config import Config, ModelConfig, load_config, save_config
 from pipeline.errors import Seg3dError
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("study"))  # training configs
 
 
 def test_there_is_a_config_per_variant_and_a_demo():
@@ -189,3 +189,93 @@ def test_a_bundle_config_written_before_act_existed_still_loads(tmp_path):
     }
     model = create_model(cfg.model.name, **cfg.model.overrides())
     assert model.config.context == "encoding" and model.contexts["2"].module.codewords.shape[0] == 8
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.patch_size=[0,64,64]", "'data.patch_size': each edge must be a whole number of voxels in 1..1024"),
+        ("data.patch_size=[2048,64,64]", "'data.patch_size': each edge must be a whole number of voxels in 1..1024"),
+        ("data.patch_size=[1024,1024,64]", "is 67,108,864 voxels, more than the 33,554,432 allowed in one patch"),
+        ("data.target_spacing=[0,1,1]", "'data.target_spacing.0': Input should be greater than 0, got 0"),
+        ("data.target_spacing=[1,-1,1]", "'data.target_spacing.1': Input should be greater than 0, got -1"),
+        ("data.target_spacing=[1,1,.nan]", "'data.target_spacing.2': Input should be a finite number, got nan"),
+        ("data.body_threshold_hu=.inf", "'data.body_threshold_hu': Input should be a finite number, got inf"),
+        ("data.intensity.window=[.nan, 240]", "'data.intensity.window.0': Input should be a finite number"),
+        ("data.class_ratios=[0, 0, 0]", "class_ratios must be non-negative with a positive sum, got [0.0, 0.0, 0.0]"),
+        ("model.channels=[4,8,16,5000]", "'model': channels must each be in 1..4096, got (4, 8, 16, 5000)"),
+        ("model.channels=[0,8,16,32]", "'model': channels must each be in 1..4096"),
+        ("model.strides=[0,2,2]", "'model': strides must each be in 1..8, got (0, 2, 2)"),
+        ("model.kernel_size=-1", "'model': kernel_size must be odd and in 1..9, got -1"),
+        ("model.dropout=1.0", "'model': dropout must be in [0, 1), got 1.0"),
+        ("model.dropout=.nan", "'model.dropout': Input should be a finite number, got nan"),
+        ("model.norm=nonsense", "'model': norm 'nonsense' is not a MONAI norm layer (Unsupported option 'NONSENSE'"),
+        ("model.act=[relu, 5]", "'model': act ('relu', 5) is not a MONAI act layer (Layer specifiers must be"),
+    ],
+)
+def test_numbers_training_cannot_use_are_refused_naming_the_key(override, message):
+    with pytest.raises(Seg3dError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", [override])
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "experiment: &e x\nregistered_model: *e\n",
+            ": line 1: YAML anchors and aliases (&name, *name) are not accepted",
+        ),
+        ("data:\n  patch_size: &p [32, 32, 16]\n", ": line 2: YAML anchors and aliases"),
+        ("base: &b {epochs: 2}\ntrain:\n  <<: *b\n", ": line 1: YAML anchors and aliases"),
+        ("train:\n  epochs: " + "9" * 5000 + "\n", ": a value cannot be read (Exceeds the limit (4300 digits)"),
+        ("train: " + "[" * 5000 + "\n", ": nested too deeply to be a seg3d config"),
+        ("train:\n  epochs: 2\x00\n", ": not YAML text (control character at offset 18)"),
+        ("- train\n- data\n", ": a config is a mapping of sections"),
+    ],
+    ids=["alias", "anchor", "merge-key", "5000-digits", "deep", "control-character", "list"],
+)
+def test_hostile_yaml_is_refused_in_one_line_naming_the_file(text, message, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(Seg3dError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}{message}") and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_config_file_is_read_only_up_to_a_bound_and_as_text(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: x\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(Seg3dError, match=r"c\.yaml: larger than 1024 KiB"):
+        load_config(path)
+    path.write_bytes(b"experiment: \xff\xfe\n")
+    with pytest.raises(Seg3dError, match=r"c\.yaml: not UTF-8 text \(byte 12\)"):
+        load_config(path)
+
+
+def test_overrides_refuse_anchors_and_keep_text_that_is_not_yaml():
+    with pytest.raises(Seg3dError, match=r"^override 'experiment=&a x': line 1: YAML anchors and aliases"):
+        load_config(None, ["experiment=&a x"])
+    assert load_config(None, ["experiment=a: [b"]).experiment == "a: [b"  # not YAML: taken as the text it is
+    assert load_config(None, ["experiment='*a'"]).experiment == "*a"  # quoted, a star is text
+
+
+def test_echoed_values_and_keys_are_cut_short():
+    for override in (
+        "data.cache=" + "y" * 100_000,
+        "train." + "k" * 100_000 + "=1",
+        "experiment=" + "[" * 100 + "]" * 100,
+    ):
+        with pytest.raises(Seg3dError) as err:
+            load_config(None, [override])
+        assert len(str(err.value)) < 400, len(str(err.value))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_the_resolved_config_a_run_and_a_bundle_store_loads_again(path, tmp_path):
+    """Anchors are refused on reading, so what seg3d writes must have none (model_dump builds fresh containers)."""
+    cfg = load_config(path, ["data.intensity.window=[-100, 200]", "data.intensity.percentiles=[1, 99]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    text = (tmp_path / "c.yaml").read_text()
+    assert "&" not in text and "*" not in text
+    assert load_config(tmp_path / "c.yaml") == cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,18 @@ def test_msd_dataset_json_loads_cases_labels_and_test_labels(phantom):
     ds = load_dataset(phantom)
     assert [c.case for c in ds.cases] == ["pancreas_001", "pancreas_002", "pancreas_003"]
     assert ds.cases[1] == Case(
-        "pancreas_002", phantom / "imagesTr" / "pancreas_002.nii.gz", phantom / "labelsTr" / "pancreas_002.nii.gz"
+        "pancreas_002",
+        phantom / "imagesTr" / "pancreas_002.nii.gz",
+        phantom / "labelsTr" / "pancreas_002.nii.gz",
+        decoy=phantom / "decoysTr" / "pancreas_002.nii.gz",
     )
     assert ds.test == [
-        Case("pancreas_004", phantom / "imagesTs" / "pancreas_004.nii.gz", phantom / "labelsTs" / "pancreas_004.nii.gz")
+        Case(
+            "pancreas_004",
+            phantom / "imagesTs" / "pancreas_004.nii.gz",
+            phantom / "labelsTs" / "pancreas_004.nii.gz",
+            decoy=phantom / "decoysTs" / "pancreas_004.nii.gz",
+        )
     ]
     assert ds.labels == {"background": 0, "pancreas": 1, "cancer": 2} and ds.exhaustive
     assert ds.class_names == ["background", "pancreas", "cancer"]
@@ -37,11 +46,12 @@ def test_msd_dataset_json_loads_cases_labels_and_test_labels(phantom):
 
 def test_msd_test_case_without_labels_ts_has_no_label(tmp_path, phantom):
     doc = json.loads((phantom / "dataset.json").read_text())
-    doc["training"] = [{k: str(phantom / v) for k, v in e.items()} for e in doc["training"]]  # absolute paths
+    # absolute paths; decoy masks must lie inside the dataset folder, so they are left out
+    doc["training"] = [{k: str(phantom / v) for k, v in e.items() if k != "decoy"} for e in doc["training"]]
     (tmp_path / "dataset.json").write_text(json.dumps(doc))
     (tmp_path / "imagesTs").mkdir()
     ds = load_dataset(tmp_path / "dataset.json")
-    assert ds.cases == load_dataset(phantom).cases
+    assert ds.cases == [replace(c, decoy=None) for c in load_dataset(phantom).cases]
     assert ds.test == [Case("pancreas_004", tmp_path / "imagesTs" / "pancreas_004.nii.gz", None)]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.doctor import FAIL, OK, WARN, run_checks, writable
+from pipeline.doctor import FAIL, OK, WARN, run_checks
 
 SEG3D = Path(sys.executable).with_name("seg3d")
 # Far above the doctor's own bound (about 8 s for the tracking store) and far below MLflow's HTTP client, which would
@@ -126,16 +126,3 @@ def test_unwritable_cache_is_a_warning_not_a_failure(tmp_path, monkeypatch):
     assert checks["MPLCONFIGDIR"].status == WARN and "set MPLCONFIGDIR" in checks["MPLCONFIGDIR"].detail
     assert checks["MONAI_DATA_DIRECTORY"].status == OK
     assert report.ok  # warnings only: the health check passes
-
-
-def test_writable_makes_a_file_to_find_out(tmp_path):
-    assert writable(tmp_path) == (True, f"{tmp_path} writable")
-    ok, detail = writable(tmp_path / "new" / "deeper")
-    assert ok and f"can be created (in {tmp_path})" in detail
-    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # nothing left behind
-    (tmp_path / "f").write_text("x")
-    assert writable(tmp_path / "f")[0] is False
-    if os.geteuid() != 0:  # root writes through permission bits, so only a regular user can see this one
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        assert writable(locked)[0] is False

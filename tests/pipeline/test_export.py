@@ -106,9 +106,15 @@ def test_embedded_record_matches_the_sidecar(tmp_path):
 
 def test_parse_patch():
     assert parse_patch("96, 96,64") == (96, 96, 64)
-    for bad in ("96,96", "96,96,0", "a,b,c", "96,96,96,96"):
+    for bad in ("96,96", "96,96,0", "a,b,c", "96,96,96,96", "\u00b2,2,2", "9" * 5000 + ",1,1"):
         with pytest.raises(Seg3dError, match="three positive integers"):
             parse_patch(bad)
+    # The bounds of a config's data.patch_size: a patch no network could run is refused before any allocation.
+    with pytest.raises(Seg3dError, match=r"^--patch '100000,100000,100000': each edge must be .* in 1\.\.1024"):
+        parse_patch("100000,100000,100000")
+    with pytest.raises(Seg3dError, match=r"is 1,073,741,824 voxels, more than the 33,554,432 allowed"):
+        parse_patch("1024,1024,1024")
+    assert parse_patch("1024,1024,16") == (1024, 1024, 16)
 
 
 # -- the CLI on a real bundle -------------------------------------------------------------------------------------

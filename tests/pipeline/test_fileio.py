@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from pipeline.fileio import atomic_write, atomic_write_csv, is_nifti, nifti_stem, remove_temporaries
+from pipeline.fileio import atomic_write, atomic_write_csv, is_nifti, nifti_stem, probe_writable, remove_temporaries
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -65,3 +67,16 @@ def test_csv_round_trip(tmp_path):
 def test_nifti_names(name, nifti, stem, tmp_path):
     assert is_nifti(tmp_path / name) is nifti
     assert nifti_stem(tmp_path / name) == stem
+
+
+def test_writable_makes_a_file_to_find_out(tmp_path):
+    assert probe_writable(tmp_path) == (True, f"{tmp_path} writable")
+    ok, detail = probe_writable(tmp_path / "new" / "deeper")
+    assert ok and f"can be created (in {tmp_path})" in detail
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # nothing left behind
+    (tmp_path / "f").write_text("x")
+    assert probe_writable(tmp_path / "f")[0] is False
+    if os.geteuid() != 0:  # root writes through permission bits, so only a regular user can see this one
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert probe_writable(locked)[0] is False

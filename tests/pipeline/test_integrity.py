@@ -129,7 +129,26 @@ DEFECTS = {
         "error",
         False,
     ),
-    "no air": (lambda r: write_case(r, "bad", image=ct() // 10 + 200), ["no air below -900"], "warning", True),
+    # a tight crop: fat (-250) but no air: usable, said as a warning
+    "no air": (
+        lambda r: write_case(r, "bad", image=ct() // 4),
+        ["no air below -900 HU (range -250..14)"],
+        "warning",
+        True,
+    ),
+    # raw scanner values (no rescale applied: air stored as 24, water as 1024) and an MR-like image: never negative
+    "raw scanner units": (
+        lambda r: write_case(r, "bad", image=ct() + 1024),
+        ["intensities 24..1083 hold no negative value", "raw scanner values", "RescaleSlope + RescaleIntercept"],
+        "error",
+        False,
+    ),
+    "MR-like": (
+        lambda r: write_case(r, "bad", image=((ct() + 1000) * 1.5).astype(np.int16)),
+        ["intensities 0..1588 hold no negative value", "not a CT (MR?)"],
+        "error",
+        False,
+    ),
     "undeclared": (
         lambda r: write_case(r, "bad", label=organ() * 3),
         ["label values 3, 6 are not declared (background=0, pancreas=1, cancer=2)", "--labels NAME=VALUE"],

@@ -7,13 +7,22 @@ The files are assembled from a raw header (not through nibabel's writer, which r
 headers): random dim (ndim 1-5, zero and singleton sizes, a negative size now and then), datatype codes nibabel
 reads (integers, floats, complex, RGB, binary, unknown codes), pixdim with 0, negative and NaN entries, qform
 quaternions and sform rows with NaN, singular and sheared matrices, random qform/sform codes, scl_slope/scl_inter
-with 0, NaN and Inf, data with NaN, and data shorter than the header promises (a truncated file).
+with 0, NaN and Inf, data with NaN, data shorter than the header promises (a truncated file), and any xyzt_units
+code (metres and micrometres must come out in mm).
+
+Header bombs (`test_a_header_bomb_is_refused_before_anything_is_allocated`): NIfTI-1 and NIfTI-2 headers declaring
+millions to 1e12 voxels over a few hundred bytes of data, gzip and plain, with odd vox_offsets: each is a one-line
+Seg3dError (the declared size over what the file can hold, or over the 2**31-voxel limit), and the read allocates no
+more than 64 MiB (tracemalloc's peak: nibabel's buffers and numpy's arrays are traced). Honest small files are checked
+against the absolute voxel limit with that limit lowered to 4096 voxels (monkeypatched), so that both sides of the
+limit run in milliseconds.
 """
 
 from __future__ import annotations
 
 import gzip
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -24,8 +33,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from pipeline import limits  # noqa: E402
 from pipeline.errors import Seg3dError  # noqa: E402
-from pipeline.imageio import Volume, read_volume  # noqa: E402
+from pipeline.imageio import MM_PER_UNIT, Volume, read_volume  # noqa: E402
 
 # NIfTI datatype code -> numpy dtype of the bytes written; 1 (binary) and 0/9999 have none nibabel can read.
 DATATYPES = {
@@ -73,6 +83,7 @@ FIELDS = (
     "slope",
     "inter",
     "offset",
+    "units",
 )
 
 
@@ -144,6 +155,9 @@ def nifti_files(draw) -> tuple[bytes, tuple[int, ...], bool]:
     raw["scl_inter"] = _either(draw, defects, "inter", usual_inter, st.sampled_from(SPECIAL))
     raw["vox_offset"] = 352
     raw["magic"] = b"n+1"
+    # mm (2), mm + seconds (10), unknown (0); or any byte: metres (1), micrometres (3), codes NIfTI lacks (4-7)
+    wild_units = st.one_of(st.sampled_from([1, 3, 9, 19, 4, 7]), st.integers(0, 255))
+    raw["xyzt_units"] = _either(draw, defects, "units", st.sampled_from([0, 2, 10]), wild_units)
 
     count = int(np.prod([max(n, 0) for n in shape]))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -162,6 +176,8 @@ def nifti_files(draw) -> tuple[bytes, tuple[int, ...], bool]:
 
 def _reason(message: str) -> str:
     for words in (
+        "bytes with its header, but",
+        "over the limit",
         "cannot read",
         "is 1D",
         "is 2D",
@@ -198,7 +214,10 @@ def test_any_nifti_loads_as_a_3d_volume_or_is_a_seg3d_error(nifti, kind):
             assert str(err).startswith("fuzz: ") and "\n" not in str(err)
             event(f"refused: {_reason(str(err))}")
             return
-    event("loaded")
+        header = nib.load(path).header
+        to_mm = MM_PER_UNIT.get(int(header["xyzt_units"]) & 7, 1.0)
+        np.testing.assert_allclose(volume.affine, np.diag([to_mm] * 3 + [1]) @ header.get_best_affine(), rtol=1e-6)
+    event("loaded" if to_mm == 1 else "loaded, converted to mm")
     assert isinstance(volume, Volume)
     assert len(shape) >= 3 and all(n == 1 for n in shape[3:]), f"{shape} loaded as {volume.array.shape}"
     assert volume.array.shape == shape[:3] and volume.array.ndim == 3
@@ -208,3 +227,72 @@ def test_any_nifti_loads_as_a_3d_volume_or_is_a_seg3d_error(nifti, kind):
     affine = volume.affine
     assert affine.shape == (4, 4) and np.isfinite(affine).all()
     assert np.array_equal(affine[3], [0, 0, 0, 1]) and abs(np.linalg.det(affine[:3, :3])) > 0
+
+
+# -- header bombs and the voxel limit --------------------------------------------------------------------------------
+
+BOMB_PEAK = 64 << 20  # bytes a refused read may allocate; every bomb below declares at least 10 MB
+
+
+@st.composite
+def bomb_files(draw) -> tuple[bytes, bool, str]:
+    """(file bytes, gzip?, "bomb" or "honest"): a header declaring far more voxels than the few hundred bytes after
+    it (NIfTI-1 dims up to 32767, NIfTI-2 up to 2**40), or an honest small file holding what it declares."""
+    honest = draw(st.booleans())
+    version = draw(st.sampled_from([1, 2]))
+    ndim = draw(st.sampled_from([3, 4]))
+    if honest:
+        shape = [draw(st.integers(2, 24)), draw(st.integers(1, 24)), draw(st.integers(1, 24))] + [1] * (ndim - 3)
+    else:
+        big = st.sampled_from([1000, 4096, 30000, 32767] + ([2**20, 2**31, 2**40] if version == 2 else []))
+        shape = [draw(st.integers(1, 8)) for _ in range(ndim)]
+        for axis in draw(st.lists(st.integers(0, ndim - 1), min_size=2, max_size=3, unique=True)):
+            shape[axis] = draw(big)
+    code = draw(st.sampled_from([2, 4, 16, 64, 512]))
+    header = (nib.Nifti1Header if version == 1 else nib.Nifti2Header)()
+    header.set_data_dtype(code)
+    raw = header.structarr
+    raw["dim"] = [ndim, *shape, *([1] * (7 - ndim))]
+    raw["pixdim"] = [1.0, *draw(st.lists(st.floats(0.3, 5.0), min_size=3, max_size=3)), 1, 1, 1, 1]
+    raw["sform_code"] = 1
+    raw["srow_x"], raw["srow_y"], raw["srow_z"] = np.hstack([np.diag(raw["pixdim"][1:4]), np.zeros((3, 1))])
+    raw["xyzt_units"] = draw(st.sampled_from([0, 1, 2, 3, 5, 10]))
+    first = header.single_vox_offset  # 352 for NIfTI-1, 544 for NIfTI-2
+    offset = first if honest else draw(st.sampled_from([first, first + 16, first + 4096, 2**30]))
+    raw["vox_offset"] = offset
+    if honest:
+        values = np.arange(int(np.prod(shape))) % 1000 - 500  # not constant (a blank image is refused as such)
+        payload = values.astype(header.get_data_dtype()).tobytes(order="F")
+    else:
+        payload = draw(st.sampled_from([b"", b"\x00" * 64, bytes(range(256)) * 4]))
+    pad = b"\x00" * (min(offset, first + 4096) - len(raw.tobytes()))
+    return raw.tobytes() + pad + payload, draw(st.booleans()), "honest" if honest else "bomb"
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(bomb_files())
+def test_a_header_bomb_is_refused_before_anything_is_allocated(case):
+    blob, gz, kind = case
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as patch:
+        if kind == "honest":
+            patch.setattr(limits, "MAX_VOXELS", 4096)  # a bomb meets the real limit and the file-size check
+        path = Path(folder) / ("x.nii.gz" if gz else "x.nii")
+        path.write_bytes(gzip.compress(blob) if gz else blob)
+        declared = int(np.prod(nib.load(path).header.get_data_shape(), dtype=object))
+        tracemalloc.start()
+        try:
+            volume = read_volume(path, case="fuzz")
+        except Seg3dError as err:
+            assert str(err).startswith("fuzz: ") and "\n" not in str(err)
+            assert "over the limit of " in str(err) or "bytes with its header, but" in str(err), str(err)
+            event(f"{kind}: refused, {'over the limit' if 'over the limit' in str(err) else 'more than the file'}")
+            volume = None
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert peak < BOMB_PEAK, f"{kind} file of {len(blob)} bytes declaring {declared} voxels allocated {peak} bytes"
+    if kind == "bomb" or declared > limits.MAX_VOXELS or (kind == "honest" and declared > 4096):
+        assert volume is None, f"a {kind} file declaring {declared} voxels was read"
+    else:
+        assert volume is not None and volume.array.size == declared
+        event("honest: loaded")

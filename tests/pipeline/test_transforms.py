@@ -122,7 +122,13 @@ def test_foreground_crop_removes_air_and_keeps_the_body(phantom):
 def test_train_patches_have_the_patch_size_and_honour_the_foreground_fraction(phantom):
     paths, *_ = phantom
     cfg = load_config(
-        None, ["data.patch_size=[32, 32, 16]", "data.samples_per_volume=4", "data.foreground_fraction=1.0"]
+        None,
+        [
+            "data.patch_size=[32, 32, 16]",
+            "data.samples_per_volume=4",
+            "train.batch_size=4",
+            "data.foreground_fraction=1.0",
+        ],
     )
     pre = _pre()
     cached = cached_train_transforms(cfg, pre)(as_record("c", *paths["LPS"]))

@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup demo test test-fast image-test image-cpu bench lint format clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The image built and run for real on the CPU (tests/test_image.py; part of `make test` too). docker/host-setup.sh
+# installs Docker, debootstrap and docker-compose from Debian's packages if missing (root) and starts dockerd.
+image-test: $(STAMP)
+	-sh docker/host-setup.sh
+	$(PY) -m pytest -q tests/test_image.py $(PYTEST_ARGS)
+
+# The same image, tagged seg3d:0.1.0-cpu; BUNDLE=RUN_DIR/bundle bakes a model in.
+image-cpu: $(STAMP)
+	$(PY) docker/cpu_image.py build --tag seg3d:0.1.0-cpu $(if $(BUNDLE),--bundle $(BUNDLE))
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.layers

@@ -74,22 +74,24 @@ def run_isolated(module: str, payload: dict, timeout: float = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace the section `name` of docs/benchmarks.md (between its markers), keeping the others."""
+def write_section(name: str, body: str, measured: str | None = None, report: Path = REPORT) -> None:
+    """Replace the section `name` of `report` (docs/benchmarks.md; between its markers), keeping the others.
+    `measured`: when and where, for figures measured elsewhere (the GPU check); default: now, on this machine."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    block = f"{start}\n_Measured {stamp} on {hardware()}._\n\n{body.strip()}\n{end}"
+    if measured is None:
+        measured = f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {hardware()}"
+    block = f"{start}\n_Measured {measured}._\n\n{body.strip()}\n{end}"
     text = (
-        REPORT.read_text()
-        if REPORT.exists()
+        report.read_text()
+        if report.exists()
         else "# Benchmarks\n\nWritten by `make bench`; every figure below comes from the run it is dated with.\n"
     )
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(text)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(text)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -2,18 +2,25 @@
 MONAI tutorial pipeline (LoadImaged ... sliding_window_inference ... Invertd, SaveImaged), side by side in one run,
 both trained identically on the demo's phantoms, at the same patch size, overlap and Gaussian blending.
 
-    python -m benchmarks.inference [--quick] [--reuse-models]
+    python -m benchmarks.inference [--quick] [--reuse-models] [--device cuda] [--config configs/attention_unet.yaml
+                                   --untrained] [--real-ct PATH] [--iterations N] [--results DIR]
 
 Inputs: a CT-sized phantom (512 x 512 x 200 at 0.8 x 0.8 x 2.5 mm), ../shared/data/real_ct/ct.nii.gz and the 4
 phantom test cases. Per run: wall time (model loading included) and the stages load, preprocess, network, stitch,
 invert and write; Dice on the test cases in each case's own geometry.
 Targets (CPU): seg3d at least 3x faster than the fp32 MONAI pipeline at equal or better Dice; the network at least
 85% of the stages; bf16 Dice within 0.005 of fp32. On a GPU machine the section is `inference-gpu`.
+
+For the GPU check (benchmarks/gpu/check.sh): `--config` another network than the demo's (MONAI's AttentionUnet then
+gets the same channels and strides), `--untrained` times both with their initial weights (no training, no Dice),
+`--iterations` shortens the training, `--results DIR` writes the section's text and rows to DIR (read by
+benchmarks/gpu/report.py) instead of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 import warnings
@@ -144,10 +151,16 @@ class TimedNetwork(nn.Module):
         return out
 
 
+def monai_network(cfg) -> nn.Module:
+    """MONAI's AttentionUnet with the channels and strides of the config's network."""
+    channels, strides = tuple(cfg.model.channels), tuple(cfg.model.strides)
+    return AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=channels, strides=strides)
+
+
 def monai_once(weights: Path, images: list[Path], out: Path, pre, cfg, device, bf16: bool) -> dict:
     """The MONAI tutorial way: pre-transforms, sliding window (fp32 unless `bf16`), Invertd, argmax, SaveImaged."""
     start = time.perf_counter()
-    model = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))
+    model = monai_network(cfg)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     network = TimedNetwork(model.to(device).eval(), device)
     lo, hi = pre.clip
@@ -253,24 +266,44 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script, not to measure")
     parser.add_argument("--reuse-models", action="store_true", help="reuse the networks trained by the last run")
     parser.add_argument("--repeats", type=int, default=2, help="runs per pipeline and input; the last is kept")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA if present")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml", help="our network and settings")
+    parser.add_argument("--untrained", action="store_true", help="time both networks untrained: no training, no Dice")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the config's)")
+    parser.add_argument("--real-ct", type=Path, default=REAL_CT, help="the real CT (NIfTI)")
+    parser.add_argument("--results", type=Path, default=None, help="write the section to this folder, not docs/")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*Orientationd.__init__:labels", category=FutureWarning)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # MONAI's optional DICOM decoder
-    work = ROOT / ".bench" / ("inference_quick" if args.quick else "inference")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config_name = args.config.stem
+    base = ROOT / ".bench" / ("inference_quick" if args.quick else "inference")
+    # The data (base/data, base/big) is shared by every config; the networks and outputs are the config's own.
+    work = base if config_name == "demo" else base / config_name
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     dtype = resolve_precision("auto", device)
     prec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    cfg = load_config(ROOT / "configs" / "demo.yaml", QUICK if args.quick else [])
-    iterations = cfg.train.epochs * cfg.train.iterations_per_epoch
+    overrides = QUICK if args.quick else []
+    if args.iterations is not None and not args.quick:
+        epochs = max(1, args.iterations // 100)  # the config's schedule, shortened (100 iterations an epoch)
+        overrides = [f"train.epochs={epochs}", f"train.iterations_per_epoch={max(1, args.iterations // epochs)}"]
+    cfg = load_config(args.config, overrides)
+    iterations = 0 if args.untrained else cfg.train.epochs * cfg.train.iterations_per_epoch
 
     print("data ...", flush=True)
-    dataset, big = make_data(work, args.quick)
+    dataset, big = make_data(base, args.quick)
     report = check_dataset(dataset, include_test=False)
     split = kfold_split([c.case for c in dataset.cases], cfg.train.folds, cfg.train.fold, cfg.train.seed)
     infos = {i.case: i for i in report.infos}
     pre = compute_preprocessing(cfg, dataset.labels, dataset.exhaustive, [infos[c] for c in split["train"]])
     bundle, weights = work / "models" / "bundle", work / "models" / "monai_attention_unet.pt"
-    if not (args.reuse_models and bundle.exists() and weights.exists()):
+    if args.untrained:
+        torch.manual_seed(cfg.train.seed)
+        ours = create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides())
+        save_bundle(bundle, ours.eval(), cfg, pre, {})
+        torch.manual_seed(cfg.train.seed)
+        torch.save(monai_network(cfg).state_dict(), weights)
+    elif not (args.reuse_models and bundle.exists() and weights.exists()):
         print(f"training both networks ({iterations} iterations each) ...", flush=True)
         cases = {c.case: c for c in dataset.cases}
         records = [as_record(c, cases[c].image, cases[c].label) for c in split["train"]]
@@ -279,19 +312,21 @@ def main() -> None:
         ours = create_model(cfg.model.name, in_channels=1, out_channels=3, **cfg.model.overrides())
         save_bundle(bundle, train(ours, cfg, train_ds, device, dtype).cpu(), cfg, pre, {})
         torch.manual_seed(cfg.train.seed)
-        peer = AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32, 64), strides=(2, 2, 2))
-        torch.save(train(peer, cfg, train_ds, device, dtype).cpu().state_dict(), weights)
+        torch.save(train(monai_network(cfg), cfg, train_ds, device, dtype).cpu().state_dict(), weights)
 
     shape = " x ".join(map(str, (QUICK_BIG if args.quick else BIG).shape))
     inputs, notes = [("big", f"Phantom {shape} at 0.8 x 0.8 x 2.5 mm", big)], []
-    if REAL_CT.exists() and not args.quick:
-        inputs.append(("real", "Real CT `ct.nii.gz` (122 x 101 x 112 at 3 mm)", REAL_CT))
+    if args.real_ct.exists() and (not args.quick or args.real_ct != REAL_CT):
+        ct = read_volume(args.real_ct, "real CT")
+        size = f"{' x '.join(map(str, ct.array.shape))} at {' x '.join(f'{s:g}' for s in ct.spacing)} mm"
+        inputs.append(("real", f"Real CT `{args.real_ct.name}` ({size})", args.real_ct))
     else:
-        notes.append(f"No row for the real CT ({'--quick' if args.quick else f'{REAL_CT} is absent'}).")
-    test_folder = work / "data" / "imagesTs"
-    inputs.append(("test", f"Phantom test set, {len(dataset.test)} cases (summed)", test_folder))
+        notes.append(f"No row for the real CT ({'--quick' if args.quick else f'{args.real_ct} is absent'}).")
+    test_folder = base / "data" / "imagesTs"
+    if not args.untrained:  # untrained networks: timings only, no Dice worth a row
+        inputs.append(("test", f"Phantom test set, {len(dataset.test)} cases (summed)", test_folder))
 
-    tables, dice_rows = [], []
+    tables, dice_rows, raw = [], [], []
     for key, title, source in inputs:
         print(f"{title}:", flush=True)
         images = sorted(source.glob("*.nii.gz")) if source.is_dir() else [source]
@@ -312,6 +347,7 @@ def main() -> None:
                 )
             reference = reference or result  # MONAI fp32, measured first
             rows.append(row(name, precision, result, reference))
+            raw.append({"input": key, "pipeline": name, "precision": precision, **result})
             print("  ", rows[-1], flush=True)
             if key == "test":
                 dice_rows.append(
@@ -320,11 +356,14 @@ def main() -> None:
         tables.append(f"#### {title}\n\n" + table(rows, COLUMNS))
 
     test_out = work / "out" / "test"
-    run_ours(bundle, test_folder, test_out / "ours_nopost", postprocess=False, repeats=1)
-    dice_rows.insert(2, dice_row(OURS, prec, "none", test_out / "ours_nopost", dataset, pre))
+    if not args.untrained:
+        run_ours(bundle, test_folder, test_out / "ours_nopost", postprocess=False, repeats=1)
+        dice_rows.insert(2, dice_row(OURS, prec, "none", test_out / "ours_nopost", dataset, pre))
     for r in dice_rows:
         print("  ", r, flush=True)
-    if prec != "fp32":
+    if args.untrained:
+        notes.append("Both networks untrained (initial weights): timings only.")
+    elif prec != "fp32":
         a, b = (test_dice(test_out / f, dataset, pre) for f in ("ours", "ours_fp32"))
         diff = f"pancreas {a[0] - b[0]:+.4f}, cancer {a[1] - b[1]:+.4f}"
         notes.append(f"seg3d {prec} minus fp32 Dice: {diff} (target: within 0.005).")
@@ -332,30 +371,46 @@ def main() -> None:
         notes.append("Without native bf16 on this CPU, seg3d's `auto` precision is fp32 here.")
 
     inf = cfg.inference
+    channels = ", ".join(map(str, cfg.model.channels))
+    trained = (
+        "both networks untrained (initial weights: timings only)"
+        if args.untrained
+        else f"both networks trained alike on the demo's phantoms ({iterations} iterations of "
+        f"`configs/{config_name}.yaml`'s loop, {prec} autocast, the same patches, final weights)"
+    )
     body = (
-        f"### End-to-end inference: seg3d infer vs a MONAI tutorial pipeline ({device.type.upper()})\n\n"
+        f"### End-to-end inference: seg3d infer vs a MONAI tutorial pipeline ({device.type.upper()}, "
+        f"`configs/{config_name}.yaml`)\n\n"
         + ("**--quick: a check of the script, not a measurement.**\n\n" if args.quick else "")
-        + "seg3d: `run_inference` on the bundle of `configs/demo.yaml`'s `attention_unet` (batch norm, folded into the "
+        + f"seg3d: `run_inference` on the bundle of `configs/{config_name}.yaml`'s `{cfg.model.name}` (norm "
+        f"`{cfg.model.norm or 'instance'}`; batch norm is folded into the "
         "convolutions at inference; channels-last on CPU; precision `auto`; the bundle's post-processing: largest "
-        "component, tumour inside pancreas). MONAI: `AttentionUnet` with the same channels (8, 16, 32, 64) and "
+        f"component, tumour inside pancreas). MONAI: `AttentionUnet` with the same channels ({channels}) and "
         "strides, through "
         "`LoadImaged` (nibabel), `EnsureChannelFirstd`, `Orientationd(RAS)`, `Spacingd` (bilinear), the same clip "
         "and z-score, no foreground crop, `sliding_window_inference`, `Invertd`, `AsDiscreted(argmax)`, `SaveImaged`. "
         f"Both: patch {' x '.join(map(str, cfg.data.patch_size))}, overlap {inf.overlap}, sw_batch_size "
         f"{inf.sw_batch_size}, Gaussian blending (sigma_scale {inf.sigma_scale}), target spacing {pre.target_spacing} "
-        f"mm; both networks trained alike on the demo's phantoms ({iterations} iterations of `configs/demo.yaml`'s "
-        f"loop, {prec} autocast, the same patches, final weights). Wall time "
+        f"mm; {trained}. Wall time "
         "includes loading the model; stages in seconds (% of their sum: the network's is its share); network is "
         "time inside the forward, stitch the rest of the sliding window; seg3d's invert includes its post-processing; "
         f"windows are patches through the network. {args.repeats} run(s) per row, the last kept. "
         "Targets: >= 3x faster than MONAI fp32 on CPU at equal or better "
         "Dice; network >= 85%.\n\n"
         + "\n\n".join(tables)
-        + "\n\n#### Dice on the phantom test cases (each in its own geometry)\n\n"
-        + table(dice_rows, DICE_COLUMNS)
+        + (
+            "\n\n#### Dice on the phantom test cases (each in its own geometry)\n\n" + table(dice_rows, DICE_COLUMNS)
+            if dice_rows
+            else ""
+        )
         + "\n\n"
         + " ".join(notes)
     )
+    if args.results is not None:  # the GPU check: benchmarks/gpu/report.py puts it into docs/benchmarks.md
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / f"inference_{config_name}.md").write_text(body)
+        (args.results / f"inference_{config_name}.json").write_text(json.dumps({"runs": raw, "dice": dice_rows}))
+        return
     write_section("inference-gpu" if device.type == "cuda" else "inference", body)
 
 

@@ -1,12 +1,13 @@
 """Write docker/requirements.lock: the exact versions, as installed in the running environment (the project's
 .venv, which `make test` runs on), of every distribution the seg3d runtime and its build backend need, minus what
-the CUDA PyTorch base image brings (torch and the packages only torch needs).
+the base image brings (torch and the packages only torch needs).
 
     .venv/bin/python docker/lock.py > docker/requirements.lock
 
 The closure starts at pyproject.toml's [project].dependencies and [build-system].requires and follows each
-installed distribution's requirements, with environment markers evaluated for the image (Linux x86_64, the base
-image's CPython), not for this machine, so that the lock holds what that Python needs and nothing else.
+installed distribution's requirements, with environment markers evaluated for the images (Linux x86_64, the
+CPython of each base image: 3.12 in the CUDA PyTorch base, 3.11 in the CPU test base of docker/cpu-base), not for
+this machine, so that the lock holds what those Pythons need and nothing else.
 """
 
 from __future__ import annotations
@@ -21,17 +22,18 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-# The Python of the base image in docker/Dockerfile (pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime).
-IMAGE_PYTHON = "3.12"
+# The Pythons of the base images of docker/Dockerfile: pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime (3.12) and
+# the CPU test base docker/cpu_image.py makes from Debian bookworm (3.11), where nibabel needs importlib-resources.
+IMAGE_PYTHONS = ("3.12", "3.11")
 # Provided by the base image: torch, and whatever is reachable only through it.
 BASE_PROVIDED = frozenset({"torch"})
 
 
-def image_environment() -> dict[str, str]:
+def image_environment(python: str = IMAGE_PYTHONS[0]) -> dict[str, str]:
     env = default_environment()
     env.update(
-        python_version=IMAGE_PYTHON,
-        python_full_version=f"{IMAGE_PYTHON}.0",
+        python_version=python,
+        python_full_version=f"{python}.0",
         sys_platform="linux",
         platform_system="Linux",
         platform_machine="x86_64",
@@ -99,7 +101,12 @@ def runtime_lock() -> tuple[dict[str, str], list[str]]:
     """{name: version} for the lock and the names required but not installed here (empty when all is well)."""
     # torch and what only torch needs come from the base image; what torch shares with others stays locked.
     roots = project_requirements() + build_requirements()
-    lock, missing = closure(roots, image_environment(), stop=BASE_PROVIDED)
+    lock: dict[str, str] = {}
+    missing: list[str] = []
+    for python in IMAGE_PYTHONS:
+        found, lacking = closure(roots, image_environment(python), stop=BASE_PROVIDED)
+        lock.update(found)
+        missing += [name for name in lacking if name not in missing]
     return {n: v.split("+")[0] for n, v in sorted(lock.items())}, missing
 
 

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db); `none`: no tracking, "
+        "MLflow is not even imported (the run's record is RUN_DIR alone)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--labels", default=None, help="select classes by label value, e.g. pancreas=7 (sets data.labels)")
@@ -146,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         " several times, an ensemble that averages their class probabilities (post-processed unless --no-postprocess)",
     )
     p.add_argument(
-        "--input", type=Path, required=True, help="a NIfTI file, a DICOM series folder, a NIfTI folder or a datalist"
+        "--input",
+        type=Path,
+        required=True,
+        help="a NIfTI file, a DICOM series folder (or a zip of one), a NIfTI folder or a datalist",
     )
     p.add_argument(
         "--output", type=Path, required=True, help="a .nii.gz file for one input, else a folder (<case>.nii.gz)"
@@ -164,6 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probabilities.npz (float16)")
     p.add_argument("--dicom-seg", action="store_true", help="for a DICOM series, also write <case>_seg.dcm")
+    p.add_argument(
+        "--dicom-rtstruct",
+        "--rtstruct",
+        dest="rtstruct",
+        action="store_true",
+        help="for a DICOM series, also write <case>_rtstruct.dcm (RT Structure Set, for radiotherapy planning)",
+    )
+    p.add_argument(
+        "--series",
+        default=None,
+        metavar="UID",
+        help="the SeriesInstanceUID to read from a DICOM folder or zip holding several (without it they are listed)",
+    )
+    p.add_argument(
+        "--statistics",
+        action="store_true",
+        help="per structure: volume (ml), voxels, HU mean/std/median, bounding box (mm) in <case>_statistics.json"
+        " and .csv; for a folder --output also statistics.csv for all cases",
+    )
+    p.add_argument(
+        "--preview",
+        action="store_true",
+        help="<case>_preview.png: three planes through each structure, outlined, with its name, volume and the model",
+    )
     p.add_argument("--overlays", action="store_true", help="PNG overlays (and attention-gate maps) in overlays/")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     p.add_argument("--shard", default=None, help="i/n: every n-th case from the i-th (default: RANK/WORLD_SIZE)")

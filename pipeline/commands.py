@@ -76,6 +76,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     best = f"best mean foreground Dice {result.best_dice:.3f} at epoch {result.best_epoch + 1}"
     print(f"done: {result.epochs} epochs, {best}" if result.best_epoch >= 0 else f"done: {result.epochs} epochs")
     print(f"bundle: {result.bundle}")
+    if result.run_id is None:  # --tracking-uri none
+        print("not tracked (--tracking-uri none): the run's record is RUN_DIR alone")
+        return 0
     print(
         f"MLflow run {result.run_id} at {result.tracking_uri}"
         + (f"; registered as version {result.registered_version}" if result.registered_version else "")
@@ -98,7 +101,11 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         save_probabilities=args.save_probabilities,
         dicom_seg=args.dicom_seg,
+        rtstruct=args.rtstruct,
+        statistics=args.statistics,
+        preview=args.preview,
         overlays=args.overlays,
+        series=args.series,
         overwrite=args.overwrite,
         shard=args.shard,
     )

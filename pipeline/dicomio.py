@@ -17,7 +17,7 @@ from pipeline.limits import check_dicom_size
 
 
 @contextmanager
-def _quiet_itk():
+def quiet_itk():
     """ITK writes its warnings (an empty folder, uneven slices) straight to the process's stderr, several lines
     each, next to the one line the CLI prints; what they say is checked and reported here instead."""
     import SimpleITK as sitk
@@ -33,7 +33,7 @@ def _quiet_itk():
 def read_dicom_series(path: Path, case: str | None, kind: str) -> tuple[np.ndarray, np.ndarray, list[str], SourceFile]:
     """The voxels of the one series in `path` (HU for an image), its RAS affine, notes (none yet) and the files
     read, with their identity."""
-    with _quiet_itk():
+    with quiet_itk():
         return _read_dicom_series_quietly(path, case, kind)
 
 
@@ -53,9 +53,12 @@ def _read_dicom_series_quietly(path: Path, case: str | None, kind: str):
             case=case,
         )
     if len(series) > 1:
+        from pipeline.dicom_input import list_series, listed
+
         raise Seg3dError(
             f"{len(series)} DICOM series in {path}; point at a folder holding exactly one series "
-            "(e.g. sort the files into one folder per SeriesInstanceUID)",
+            f"(e.g. sort the files into one folder per SeriesInstanceUID, or pick one with `seg3d infer --series UID`):"
+            f" {listed(list_series(path))}",
             case=case,
         )
     files = reader.GetGDCMSeriesFileNames(str(path), series[0])

@@ -84,6 +84,7 @@ def run_checks(*, output: Path | str | None = None, tracking_uri: str | None = N
     if torch is not None:
         _check_precision(report, torch)
     _check_tracking(report, tracking_uri)
+    _check_root(report)
     _check_folder(report, "output", Path(output) if output is not None else Path.cwd(), needed=True)
     for name, folder in _cache_folders().items():
         _check_folder(report, name, folder, needed=False)
@@ -271,6 +272,16 @@ def _cache_folders() -> dict[str, Path]:
     if os.environ.get("MONAI_DATA_DIRECTORY"):
         folders["MONAI_DATA_DIRECTORY"] = Path(os.environ["MONAI_DATA_DIRECTORY"]).expanduser()
     return folders
+
+
+def _check_root(report: DoctorReport) -> None:
+    """Whether / is mounted read-only, as in a container started with --read-only (docker/README.md): seg3d then
+    writes only to the output folder, the caches and the temporary folder, the lines around this one."""
+    try:
+        read_only = bool(os.statvfs("/").f_flag & os.ST_RDONLY)
+    except (AttributeError, OSError):  # no statvfs (Windows): nothing to report
+        return
+    report.add("root", OK, "/ read-only: results, caches and temporaries only" if read_only else "/ writable")
 
 
 def _check_folder(report: DoctorReport, name: str, folder: Path, needed: bool) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,9 +37,12 @@ from pipeline.metrics import dice_per_class, mean_foreground_dice
 from pipeline.predict import Predictor
 from pipeline.rank_setup import Setup
 from pipeline.run_folder import CHECKPOINTS
-from pipeline.tracking import Tracker
 from pipeline.train_data import epoch_loader
 from pipeline.transforms import IMAGE, LABEL
+
+if TYPE_CHECKING:  # MLflow is imported only by a run that tracks (pipeline/tracking/off.py)
+    from pipeline.tracking.off import NoTracker
+    from pipeline.tracking.run import Tracker
 
 
 @dataclass
@@ -67,7 +70,7 @@ def run_epochs(
     class_names: list[str],
     val_cases: list[str],
     run_dir: Path,
-    tracker: Tracker | None,
+    tracker: Tracker | NoTracker | None,
     show: bool | None,
 ) -> RunProgress:
     """Train from `start` to train.epochs (or an early stop); `tracker` is rank 0's, None on the others. `show`:

@@ -7,6 +7,10 @@ Batch behaviour, the way a hospital runs it unattended: cases are sorted by id a
 (`--shard i/n`, or RANK/WORLD_SIZE under torchrun); a case whose outputs exist is skipped unless `--overwrite`
 (outputs are written atomically, so an existing file is a finished one); a failing case is reported on one line
 and the rest go on; the exit code is non-zero at the end if any case failed. Inputs are only ever read.
+
+What each case writes is planned before any compute (pipeline/case_outputs.py); a DICOM folder of several series or
+a zip is turned into one series first (pipeline/dicom_input.py); the RTSTRUCT, statistics, preview and the run
+manifest have modules of their own (rtstruct, statistics, preview, readings, manifest).
 """
 
 from __future__ import annotations
@@ -24,26 +28,29 @@ from tqdm.auto import tqdm
 
 from pipeline import faults
 from pipeline.bundle import Bundle
+from pipeline.case_outputs import (
+    BATCH_STATISTICS,
+    CaseOutputs,
+    check_output_target,
+    plan_outputs,
+    refuse_overwriting_inputs,
+    refuse_rtstruct_without_dicom,
+    remove_new_outputs,
+    sweep_temporaries,
+)
 from pipeline.datalists import Case, case_id, list_images
 from pipeline.devices import resolve_device
+from pipeline.dicom_input import dicom_input, is_zip_input
 from pipeline.ensemble import Ensemble, EnsemblePredictor, adhoc_ensemble, load_model, make_predictor, model_name
 from pipeline.errors import Seg3dError, one_line, shown
-from pipeline.fileio import check_inside, is_nifti, nifti_stem, remove_temporaries, require_output_folder
+from pipeline.fileio import check_inside, is_nifti
 from pipeline.imageio import read_again
-from pipeline.limits import GZIP_MAX_RATIO
+from pipeline.manifest import RunInfo, input_geometry, model_identity, write_manifest
 from pipeline.predict import Predictor
+from pipeline.readings import write_readings
+from pipeline.rtstruct import check_rtstruct_sources, write_rtstruct
+from pipeline.statistics import write_batch_table
 from pipeline.writers import dicom_seg_sources, write_dicom_seg, write_labels, write_probabilities
-
-
-@dataclass
-class CaseOutputs:
-    labels: Path
-    probabilities: Path | None = None
-    dicom_seg: Path | None = None
-    overlay: Path | None = None
-
-    def all(self) -> list[Path]:
-        return [p for p in (self.labels, self.probabilities, self.dicom_seg, self.overlay) if p is not None]
 
 
 @dataclass
@@ -56,9 +63,11 @@ class InferenceSummary:
     ensemble: int = 0  # members of the ensemble that ran; 0 for a single model
 
 
-def collect_inputs(source: Path | str) -> list[Case]:
+def collect_inputs(source: Path | str, *, series: str | None = None, staging: Path | None = None) -> list[Case]:
     """A NIfTI file, a DICOM series folder, a folder of NIfTI files, or a datalist (MSD json, CSV). Each case id is
-    a safe name (pipeline.datalists.check_case_id), and two inputs that would give one case id are refused."""
+    a safe name (pipeline.datalists.check_case_id), and two inputs that would give one case id are refused. A zip
+    of a DICOM series, and the series `series` of a folder of several, are read through `staging`
+    (pipeline.dicom_input)."""
     source = Path(source)
     if not source.exists():
         raise Seg3dError(f"input {source} not found")
@@ -68,15 +77,20 @@ def collect_inputs(source: Path | str) -> list[Case]:
             " DICOM series folder, a folder of NIfTI files or a datalist"
         )
     if source.is_file():
+        if is_zip_input(source):
+            return [_dicom_case(source, series, staging)]
+        _no_series(series, source)
         if is_nifti(source):
             return [Case(case_id(source), source, None)]
         if source.suffix.lower() in (".json", ".csv"):
             return [Case(c.case, c.image, None) for c in list_images(source)]
-        raise Seg3dError(f"input {source} is not a NIfTI file (.nii, .nii.gz), a DICOM folder or a datalist")
+        raise Seg3dError(f"input {source} is not a NIfTI file (.nii, .nii.gz), a DICOM folder or zip, or a datalist")
     if (source / "dataset.json").is_file():
+        _no_series(series, source)
         return [Case(c.case, c.image, None) for c in list_images(source)]
     niftis = sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
     if niftis:
+        _no_series(series, source)
         by_id: dict[str, list[Path]] = {}
         for p in niftis:
             by_id.setdefault(case_id(p), []).append(p)
@@ -92,7 +106,17 @@ def collect_inputs(source: Path | str) -> list[Case]:
         return [Case(case_id(p), p, None) for p in niftis]
     if not any(p.is_file() for p in source.iterdir()):
         raise Seg3dError(f"input folder {source} is empty or holds only folders; give one DICOM series folder")
-    return [Case(source.name, source, None)]  # a DICOM series; read_volume says so if it is none
+    return [_dicom_case(source, series, staging)]  # a DICOM series; read_volume says so if it is none
+
+
+def _dicom_case(source: Path, series: str | None, staging: Path | None) -> Case:
+    case, folder = dicom_input(source, series=series, staging=staging)
+    return Case(case, folder, None)
+
+
+def _no_series(series: str | None, source: Path) -> None:
+    if series is not None:
+        raise Seg3dError(f"--series picks a series of a DICOM folder or zip, and input {source} is neither; drop it")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -144,77 +168,6 @@ def resolve_model(model: str, tracking_uri: str | None, workdir: Path) -> Path:
     return path
 
 
-def plan_outputs(
-    cases: list[Case], output: Path, *, save_probabilities: bool, dicom_seg: bool, overlays: bool
-) -> dict[str, CaseOutputs]:
-    """Output paths per case: OUTPUT itself for one case and a .nii.gz or .nii OUTPUT, else OUTPUT/<case>.nii.gz,
-    with the extras beside the label map. Every path is checked to lie inside the output folder (case ids are data),
-    and two cases that would write one file are refused."""
-    single = len(cases) == 1 and is_nifti(output)
-    root = output.parent if single else output
-    plans: dict[str, CaseOutputs] = {}
-    owner: dict[Path, str] = {}
-    for case in cases:
-        if single:
-            stem, folder, labels = nifti_stem(output), output.parent, output
-        else:
-            stem, folder = case.case, output
-            labels = folder / f"{stem}.nii.gz"
-        plan = CaseOutputs(
-            labels=labels,
-            probabilities=folder / f"{stem}_probabilities.npz" if save_probabilities else None,
-            dicom_seg=folder / f"{stem}_seg.dcm" if dicom_seg and case.image.is_dir() else None,
-            overlay=folder / "overlays" / f"{stem}.png" if overlays else None,
-        )
-        for path in plan.all():
-            check_inside(root, path)
-            key = path.resolve()
-            if key in owner:
-                raise Seg3dError(
-                    f"cases {shown(owner[key])} and {shown(case.case)} would both write {path}; give the inputs"
-                    " distinct names"
-                )
-            owner[key] = case.case
-        plans[case.case] = plan
-    return plans
-
-
-def check_output_target(output: Path, *, single: bool, cases: list[Case], save_probabilities: bool) -> None:
-    """Before any compute: the output can be made and written there, and its file system has room for the largest
-    case's outputs (their uncompressed size: an upper bound)."""
-    voxels = max((_voxel_count(c.image) for c in cases), default=0)
-    need = voxels * (1 + (2 * 16 if save_probabilities else 0))  # uint8 labels; float16 probabilities, <= 16 classes
-    require_output_folder(output.parent if single else output, need_bytes=need)
-
-
-def _voxel_count(image: Path) -> int:
-    """The voxels of an input from its header alone (a DICOM series: its pixel bytes, 2 per voxel), never more than
-    its file can hold (a header can lie; reading the case says so with the case named); 0 if unreadable."""
-    try:
-        if image.is_dir():
-            return sum(f.stat().st_size for f in image.iterdir() if f.is_file()) // 2
-        import nibabel as nib
-
-        declared = int(np.prod(nib.load(image).shape[:3], dtype=np.int64))
-        size = image.stat().st_size
-        return min(declared, size * GZIP_MAX_RATIO if image.name.lower().endswith(".gz") else size)
-    except Exception:  # a broken header is read_volume's to report, with the case, when the case runs
-        return 0
-
-
-def _refuse_overwriting_inputs(cases: list[Case], plans: dict[str, CaseOutputs]) -> None:
-    inputs = {c.image.resolve() for c in cases}
-    series = [c.image.resolve() for c in cases if c.image.is_dir()]
-    for case in cases:
-        for path in plans[case.case].all():
-            target = path.resolve()
-            if target in inputs or any(target.is_relative_to(s) for s in series):
-                raise Seg3dError(
-                    f"output {path} would overwrite or be written into an input; choose an --output outside the inputs",
-                    case=case.case,
-                )
-
-
 def run_inference(
     model: str | Path | list[str | Path],
     source: str | Path,
@@ -228,62 +181,98 @@ def run_inference(
     overlap: float | None = None,
     save_probabilities: bool = False,
     dicom_seg: bool = False,
+    rtstruct: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
     overlays: bool = False,
+    series: str | None = None,
     overwrite: bool = False,
     shard: str | None = None,
     progress: bool | None = None,
     bundle: Bundle | Ensemble | None = None,
 ) -> InferenceSummary:
-    """`model` given as a list of several is an ad-hoc ensemble of them; `bundle` is the model loaded already."""
+    """`model` given as a list of several is an ad-hoc ensemble of them; `bundle` is the model loaded already.
+    `series`: the SeriesInstanceUID to read from a DICOM folder or zip holding several."""
     output = Path(output)
     models = [model] if isinstance(model, (str, Path)) else list(model)
-    cases = sorted(collect_inputs(source), key=lambda c: c.case)
-    index, count = parse_shard(shard)
-    cases = cases[index::count]
-    plans = plan_outputs(cases, output, save_probabilities=save_probabilities, dicom_seg=dicom_seg, overlays=overlays)
-    _refuse_overwriting_inputs(cases, plans)
-    single = len(cases) == 1 and is_nifti(output)
-    if single and output.is_dir():
-        raise Seg3dError(f"--output {output} is a folder, but names a NIfTI file; give a file name or another folder")
-    if not single and output.exists() and not output.is_dir():
-        raise Seg3dError(f"--output {output} is a file; for {len(cases)} inputs give a folder")
-    if overlap is not None and not 0 <= overlap < 1:
-        raise Seg3dError(f"--overlap must be in [0, 1), got {overlap}")
-    dev = resolve_device(device)
-
-    summary = InferenceSummary()
-    _sweep_temporaries(plans.values())
-    todo = [c for c in cases if overwrite or not all(p.exists() for p in plans[c.case].all())]
-    summary.skipped = [c.case for c in cases if c not in todo]
-    if not todo:
-        return summary
-    check_output_target(
-        output, single=len(cases) == 1 and is_nifti(output), cases=todo, save_probabilities=save_probabilities
-    )
-    with tempfile.TemporaryDirectory(prefix="seg3d-model-") as workdir:
-        if bundle is None:  # each download in a folder of its own: two `models:/` URIs would both write bundle/
-            folders = [resolve_model(str(m), tracking_uri, Path(workdir) / str(i)) for i, m in enumerate(models)]
-            bundle = load_model(folders[0]) if len(folders) == 1 else adhoc_ensemble(folders, [str(m) for m in models])
-        summary.ensemble = len(bundle.members) if isinstance(bundle, Ensemble) else 0
-        predictor = make_predictor(
-            bundle, device=dev, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap
+    # One private folder for the run: a zip's files or the links to a picked series (input/), the downloads (model-i).
+    with tempfile.TemporaryDirectory(prefix="seg3d-infer-") as workdir:
+        staging = Path(workdir) / "input"
+        staging.mkdir()
+        every = sorted(collect_inputs(source, series=series, staging=staging), key=lambda c: c.case)
+        if rtstruct:
+            refuse_rtstruct_without_dicom(every)
+        index, count = parse_shard(shard)
+        cases = every[index::count]
+        plans = plan_outputs(
+            cases,
+            output,
+            save_probabilities=save_probabilities,
+            dicom_seg=dicom_seg,
+            overlays=overlays,
+            rtstruct=rtstruct,
+            statistics=statistics,
+            preview=preview,
         )
-        bar = tqdm(todo, desc="infer", unit="case", disable=None if progress is None else not progress)
-        for case in bar:
-            bar.set_postfix(case=case.case)
-            existed = {p for p in plans[case.case].all() if p.exists()}
-            try:
-                summary.timings[case.case] = _one_case(predictor, bundle, case, plans[case.case], overlays)
-                summary.done.append(case.case)
-                summary.outputs[case.case] = plans[case.case]
-            except (Seg3dError, OSError) as err:
-                _remove_new_outputs(plans[case.case], existed)  # a failed case leaves no output of its own
-                summary.failed.append((case.case, _failure_line(case, err)))
-                tqdm.write(f"seg3d infer: error: {summary.failed[-1][1]}", file=sys.stderr)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this case's outputs are incomplete, so none are kept
-                _remove_new_outputs(plans[case.case], existed)
-                raise
+        refuse_overwriting_inputs(cases, plans, Path(source))
+        single = len(cases) == 1 and is_nifti(output)
+        if single and output.is_dir():
+            raise Seg3dError(
+                f"--output {output} is a folder, but names a NIfTI file; give a file name or another folder"
+            )
+        if not single and output.exists() and not output.is_dir():
+            raise Seg3dError(f"--output {output} is a file; for {len(cases)} inputs give a folder")
+        if overlap is not None and not 0 <= overlap < 1:
+            raise Seg3dError(f"--overlap must be in [0, 1), got {overlap}")
+        dev = resolve_device(device)
+
+        summary = InferenceSummary()
+        sweep_temporaries(plans.values())
+        todo = [c for c in cases if overwrite or not all(p.exists() for p in plans[c.case].all())]
+        summary.skipped = [c.case for c in cases if c not in todo]
+        if todo:
+            check_output_target(output, single=single, cases=todo, save_probabilities=save_probabilities)
+            if bundle is None:  # each download in a folder of its own: two `models:/` URIs would both write bundle/
+                folders = [
+                    resolve_model(str(m), tracking_uri, Path(workdir) / f"model-{i}") for i, m in enumerate(models)
+                ]
+                bundle = (
+                    load_model(folders[0]) if len(folders) == 1 else adhoc_ensemble(folders, [str(m) for m in models])
+                )
+            summary.ensemble = len(bundle.members) if isinstance(bundle, Ensemble) else 0
+            predictor = make_predictor(
+                bundle, device=dev, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap
+            )
+            run = _run_info(bundle, predictor, tta=tta, postprocess=postprocess)
+            bar = tqdm(todo, desc="infer", unit="case", disable=None if progress is None else not progress)
+            for case in bar:
+                bar.set_postfix(case=case.case)
+                existed = {p for p in plans[case.case].all() if p.exists()}
+                try:
+                    summary.timings[case.case] = _one_case(predictor, bundle, case, plans[case.case], run)
+                    summary.done.append(case.case)
+                    summary.outputs[case.case] = plans[case.case]
+                except (Seg3dError, OSError) as err:
+                    remove_new_outputs(plans[case.case], existed)  # a failed case leaves no output of its own
+                    summary.failed.append((case.case, _failure_line(case, err)))
+                    tqdm.write(f"seg3d infer: error: {summary.failed[-1][1]}", file=sys.stderr)
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: this case's outputs are incomplete, so none are kept
+                    remove_new_outputs(plans[case.case], existed)
+                    raise
+        if statistics and not single:  # every case's statistics so far, from all shards and earlier runs
+            write_batch_table([output / f"{c.case}_statistics.json" for c in every], output / BATCH_STATISTICS)
     return summary
+
+
+def _run_info(bundle: Bundle | Ensemble, predictor: Predictor | EnsemblePredictor, **settings) -> RunInfo:
+    first = predictor.members[0] if isinstance(predictor, EnsemblePredictor) else predictor
+    settings["overlap"] = first.inference.overlap
+    return RunInfo(
+        model=model_identity(bundle, model_name(bundle)),
+        device=str(first.device),
+        precision=str(first.dtype).removeprefix("torch."),
+        settings=settings,
+    )
 
 
 def _failure_line(case: Case, err: Exception) -> str:
@@ -297,65 +286,52 @@ def _failure_line(case: Case, err: Exception) -> str:
     )
 
 
-def _remove_new_outputs(plan: CaseOutputs, existed: set[Path]) -> None:
-    for path in plan.all():
-        if path not in existed:
-            path.unlink(missing_ok=True)
-
-
-def _sweep_temporaries(plans) -> None:
-    """Remove what a process killed in the middle of a write left: the hidden temporaries atomic_write renames onto
-    the outputs (.NAME.XXXX...). The outputs themselves are whole or absent, never half written."""
-    for plan in plans:
-        for path in plan.all():
-            remove_temporaries(path.parent, names=[path.name])
-
-
 def _one_case(
-    predictor: Predictor | EnsemblePredictor, bundle: Bundle | Ensemble, case: Case, plan: CaseOutputs, overlays: bool
+    predictor: Predictor | EnsemblePredictor, bundle: Bundle | Ensemble, case: Case, plan: CaseOutputs, run: RunInfo
 ) -> dict[str, float]:
-    if plan.dicom_seg is not None:
-        dicom_seg_sources(case.image)  # refuse a series a SEG cannot reference before computing anything
+    dicom = plan.dicom_seg is not None or plan.rtstruct is not None
+    if dicom:  # refuse a series a SEG or an RTSTRUCT cannot reference before computing anything
+        sources = dicom_seg_sources(case.image, case=case.case)
+        if plan.rtstruct is not None:
+            check_rtstruct_sources(sources, case.image, case=case.case)
 
     def warn(note: str) -> None:
         # Real scans, not errors, but the user must know: which geometry the output follows (qform or sform,
         # oblique), units converted, a HU range worth a look. Said once the input is read, before any compute.
         tqdm.write(f"seg3d infer: warning: {case.case}: {note}", file=sys.stderr)
 
-    gates = overlays and predictor.has_gates
+    gates = plan.overlay is not None and predictor.has_gates
     pred = predictor.predict_file(
         case.image, case=case.case, probabilities=plan.probabilities is not None, gates=gates, notes=warn
     )
     faults.point("infer.case")
     # The outputs are written from what was read (pred.source: the header as read). What must look at the input
-    # again, the SEG's source datasets and the overlay's image, is read first and only if the input is still the
-    # file that was read, so that a case refused here has written nothing.
-    sources = dicom_seg_sources(case.image, expect=pred.source, case=case.case) if plan.dicom_seg is not None else None
-    image = read_again(pred.source, case.case) if plan.overlay is not None else None
+    # again, the DICOM datasets and the image for the overlay, statistics and preview, is read first and only if the
+    # input is still the file that was read, so that a case refused here has written nothing.
+    sources = dicom_seg_sources(case.image, expect=pred.source, case=case.case) if dicom else None
+    again = plan.overlay is not None or plan.statistics is not None or plan.preview is not None
+    image = read_again(pred.source, case.case) if again else None
     start = time.perf_counter()
-    pre = bundle.preprocessing
+    pre, name = bundle.preprocessing, model_name(bundle)
     write_labels(pred, pre, out=plan.labels)
     if plan.probabilities is not None:
         write_probabilities(pred, pre, plan.probabilities)
     if plan.dicom_seg is not None:
-        write_dicom_seg(pred, pre, sources=sources, out=plan.dicom_seg, model_name=model_name(bundle))
-    pred.timings["write"] = time.perf_counter() - start
+        write_dicom_seg(pred, pre, sources=sources, out=plan.dicom_seg, model_name=name)
+    if plan.rtstruct is not None:
+        write_rtstruct(pred, pre, sources=sources, out=plan.rtstruct, model_name=name)
     if image is not None:
-        from pipeline.plots import overlay_png
-
-        found = ", ".join(f"{n} {int((pred.labels == i).sum()):,} voxels" for i, n in enumerate(pre.label_names) if i)
-        overlay_png(
-            plan.overlay,
-            image.array,
-            image.affine,
-            None,
-            pred.labels,
-            pre.label_names,
-            title=f"{case.case}: {model_name(bundle)} ({found})",
-            extra=pred.gate,
-            extra_name="attention gate (finest skip)",
-        )
+        write_readings(pred, image, plan, case=case.case, pre=pre, model=name)
+    pred.timings["write"] = time.perf_counter() - start
+    if plan.manifest is not None:
+        geometry = input_geometry(pred.labels.shape, pred.affine, series=_series_files(case, pred))
+        outputs = [p for p in plan.all() if p != plan.manifest]
+        write_manifest(plan.manifest, case=case.case, run=run, timings=pred.timings, geometry=geometry, outputs=outputs)
     return pred.timings
+
+
+def _series_files(case: Case, pred) -> tuple[str, ...] | None:
+    return pred.source.files if case.image.is_dir() and pred.source is not None else None
 
 
 def summarize(summary: InferenceSummary) -> str:

@@ -11,6 +11,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,8 +23,11 @@ from pipeline.epochs import RunProgress
 from pipeline.fileio import atomic_write_csv, check_inside
 from pipeline.rank_setup import validation_predictor
 from pipeline.run_folder import CHECKPOINTS, git_commit
-from pipeline.tracking import Tracker
 from pipeline.transforms import IMAGE, LABEL, Preprocessing
+
+if TYPE_CHECKING:  # MLflow is imported only by a run that tracks (pipeline/tracking/off.py)
+    from pipeline.tracking.off import NoTracker
+    from pipeline.tracking.run import Tracker
 
 
 @dataclass
@@ -56,7 +60,7 @@ def finish_run(
     model: nn.Module,
     pre: Preprocessing,
     device: torch.device,
-    tracker: Tracker,
+    tracker: Tracker | NoTracker,
     done: RunProgress,
     class_names: list[str],
     val_records: list[dict],

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,9 +32,13 @@ from pipeline.errors import Seg3dError
 from pipeline.fileio import require_output_folder
 from pipeline.rank_setup import Setup
 from pipeline.run_folder import RunLock, git_commit, prepare_run_dir, sweep_temporaries, write_run_files
-from pipeline.tracking import Tracker
+from pipeline.tracking.off import open_tracker
 from pipeline.transforms import Preprocessing, as_record, compute_preprocessing
 from pipeline.yamlio import read_text
+
+if TYPE_CHECKING:
+    from pipeline.tracking.off import NoTracker
+    from pipeline.tracking.run import Tracker
 
 
 @dataclass
@@ -57,7 +61,7 @@ class RunContext:
     """Rank 0's own objects for the run; they never leave rank 0."""
 
     cfg: Config  # the run's config: the given one, or the stored one on resume
-    tracker: Tracker
+    tracker: Tracker | NoTracker  # NoTracker for --tracking-uri none
     dataset_params: dict[str, Any]  # what MLflow records of the dataset
 
 
@@ -82,7 +86,7 @@ def plan_run(
     if not resume and restart_count() > 0 and (run_dir / "config.yaml").exists():
         resume = True  # torchrun restarted the job after a worker died: continue this run from its last checkpoint
     cfg, state, run_info = prepare_run_dir(cfg, run_dir, resume)
-    tracker = Tracker(
+    tracker = open_tracker(
         run_info.get("tracking_uri") if resume and not tracking_uri else tracking_uri, cfg.experiment, run_dir
     )
 
@@ -219,7 +223,7 @@ def start_run(
     return run_id
 
 
-def _resend_missing_epochs(tracker: Tracker, history: list[dict]) -> None:
+def _resend_missing_epochs(tracker: Tracker | NoTracker, history: list[dict]) -> None:
     """After a crash between the checkpoint and the MLflow call, send the epochs the server lacks (and only those)."""
     logged = tracker.logged_steps("train_loss")
     if logged is None:

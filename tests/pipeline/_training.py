@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 import torch
 from safetensors.torch import load_file
 
 from pipeline.config import Config, load_config
 from pipeline.synthetic import synthesize
+
+if TYPE_CHECKING:  # the gpu tests import this module where MLflow is absent (benchmarks/gpu/check.sh)
+    import mlflow
 
 TINY = [
     "model.channels=[4, 8, 16]",
@@ -36,6 +39,8 @@ def tiny_cfg(*extra: str, name: str = "attention_unet") -> Config:
 
 
 def mlflow_client(uri: str) -> mlflow.MlflowClient:
+    import mlflow
+
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

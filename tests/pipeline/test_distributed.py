@@ -250,11 +250,14 @@ def test_nproc_starts_torchrun_with_the_training_arguments_unchanged(store, tmp_
 
     started: list[list[str]] = []
 
-    def run(command, check):
-        started.append(command)
-        return subprocess.CompletedProcess(command, 0)
+    class Launched:  # records the torchrun command instead of starting it
+        def __init__(self, command):
+            started.append(command)
 
-    monkeypatch.setattr(pipeline.distributed.subprocess, "run", run)
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(pipeline.distributed.subprocess, "Popen", Launched)
     for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     args = _train_args(store["data"], tmp_path / "r", store["uri"], "ddp-relaunch", store["config"])

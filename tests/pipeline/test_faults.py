@@ -232,7 +232,8 @@ def test_batch_inference_killed_resumes_without_half_files_or_recomputing(batch,
     rerun = _infer(bundle, images, out)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{len(finished)} skipped" in rerun.stdout + rerun.stderr
-    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(4)], "no temporaries left"
+    expected = sorted(f"case{i}{end}" for i in range(4) for end in (".nii.gz", "_manifest.json"))
+    assert sorted(p.name for p in out.iterdir()) == expected, "no temporaries left"
     for path, (mtime, sha) in finished.items():
         assert path.stat().st_mtime_ns == mtime and hashlib.sha256(path.read_bytes()).hexdigest() == sha
 

@@ -82,7 +82,8 @@ def test_a_bad_case_is_reported_and_the_rest_go_on(bundle_dir, cases, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert [line for line in err if "case_LPS" in line] and all("Traceback" not in line for line in err)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case_LAS.nii.gz", "case_RAS.nii.gz"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["case_LAS.nii.gz", "case_LAS_manifest.json", "case_RAS.nii.gz", "case_RAS_manifest.json"]
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_inference_and_check_data_never_write_the_patients_name_or_id(real_ct, b
     seg = out / f"{CASE}_seg.dcm"
     assert NAME in _leaks(seg.read_bytes()), "the DICOM SEG references the patient (and shows the grep finds it)"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{CASE}.nii.gz", f"{CASE}_probabilities.npz", f"{CASE}_seg.dcm", "overlays"]
+        [f"{CASE}.nii.gz", f"{CASE}_manifest.json", f"{CASE}_probabilities.npz", f"{CASE}_seg.dcm", "overlays"]
     ), "outputs are named by the case id"
     assert _scan(written, skip={seg}) == {}
     assert _leaks(console.out + console.err) == [] and CASE in console.out

@@ -166,16 +166,6 @@ def test_training_against_a_real_mlflow_server(phantom, tmp_path, mlflow_server)
     assert load_bundle(local).config.model.name == "attention_unet"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_training_on_cuda(phantom, tmp_path, precision):
-    cfg = tiny_cfg("train.epochs=1", "train.device=cuda", f"train.precision={precision}")
-    result = train(cfg, phantom, tmp_path / "run", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", progress=False)
-    assert np.isfinite(result.history[0]["train_loss"])
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert bool(state["scaler"]) == (precision == "fp16"), "the grad scaler runs for fp16 only"
-
-
 def _torch_settings() -> tuple[int, bool, bool]:
     return torch.get_num_threads(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
 

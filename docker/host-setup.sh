@@ -1,0 +1,26 @@
+#!/bin/sh
+# What the image tests (tests/test_image.py, `make image-test`) need on the host, on Debian or Ubuntu as root:
+# Debian's Docker engine (docker.io), debootstrap (the CPU base is made from Debian's packages) and docker-compose
+# (the compose file's MLflow service), then a running Docker daemon. Installs only what is missing, quietly.
+#   sh docker/host-setup.sh
+set -eu
+cd "$(dirname "$0")/.."
+need=""
+[ -x /usr/sbin/dockerd ] || command -v dockerd > /dev/null 2>&1 || need="$need docker.io"
+command -v debootstrap > /dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
+command -v docker-compose > /dev/null 2>&1 || need="$need docker-compose"
+if [ -n "$need" ]; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get > /dev/null 2>&1; then
+        echo "docker/host-setup.sh: missing$need; install them (apt-get install$need) as root" >&2
+        exit 1
+    fi
+    log=/tmp/seg3d-host-setup-apt.log
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; } > "$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        echo "docker/host-setup.sh: apt-get install$need failed (log: $log)" >&2
+        exit 1
+    fi
+    echo "docker/host-setup.sh: installed$need"
+fi
+# The client's own Python module starts dockerd (standard library only: no virtual environment needed yet).
+python3 docker/cpu_image.py daemon

@@ -1,7 +1,7 @@
 #!/bin/sh
 # What the image tests (tests/test_image.py, `make image-test`) need on the host, on Debian or Ubuntu as root:
 # Debian's Docker engine (docker.io), debootstrap (the CPU base is made from Debian's packages) and docker-compose
-# (the compose file's MLflow service), then a running Docker daemon. Installs only what is missing, quietly.
+# (the compose file's MLflow service), dicom3tools (dciodvfy), then a running Docker daemon. Installs only what is missing, quietly.
 #   sh docker/host-setup.sh
 set -eu
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ need=""
 [ -x /usr/sbin/dockerd ] || command -v dockerd > /dev/null 2>&1 || need="$need docker.io"
 command -v debootstrap > /dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need="$need debootstrap"
 command -v docker-compose > /dev/null 2>&1 || need="$need docker-compose"
+# dciodvfy validates the DICOM SEG and RTSTRUCT that infer writes (tests/pipeline/test_rtstruct.py and others).
+command -v dciodvfy > /dev/null 2>&1 || need="$need dicom3tools"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get > /dev/null 2>&1; then
         echo "docker/host-setup.sh: missing$need; install them (apt-get install$need) as root" >&2

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,25 +144,42 @@ BOMBS = {
 }
 
 
+# The child's peak is measured by a small launcher that forks it and reads its rusage: a child spawned straight from
+# this test process would inherit the test process's own high-water mark (Linux keeps the old address space's peak
+# across exec, and subprocess spawns by vfork), so the number would fail as soon as pytest itself passed 1 GiB.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def run_measured(argv: list[str]) -> tuple[int, list[str], list[str], int]:
     """`seg3d ARGV` in a child process: exit code, stdout and stderr lines, and the child's peak resident memory in
-    KiB (ru_maxrss of the child's own rusage, from os.wait4: RUSAGE_CHILDREN would mix in every other child this
-    test process has waited for)."""
+    KiB (ru_maxrss of the child's own rusage, from os.wait4 in the launcher above: RUSAGE_CHILDREN would mix in
+    every other child this test process has waited for)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG3D_FAULT")}
-    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        proc = subprocess.Popen([SEG3D, *argv], stdout=fo, stderr=fe, env=env)
-        killer = threading.Timer(TIMEOUT_S, proc.kill)
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe, tempfile.TemporaryDirectory() as d:
+        peak_file = Path(d) / "maxrss"
+        launch = [sys.executable, "-S", "-c", _LAUNCHER, str(peak_file), SEG3D, *argv]
+        proc = subprocess.Popen(launch, stdout=fo, stderr=fe, env=env, start_new_session=True)
+        killer = threading.Timer(TIMEOUT_S, lambda: os.killpg(proc.pid, signal.SIGKILL))
         killer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
         fo.seek(0)
         fe.seek(0)
         stdout, stderr = fo.read(), fe.read()
+        peak = int(peak_file.read_text()) if peak_file.is_file() else 1 << 40
     assert "Traceback" not in stdout + stderr, stderr
-    return proc.returncode, stdout.strip().splitlines(), stderr.strip().splitlines(), usage.ru_maxrss
+    return proc.returncode, stdout.strip().splitlines(), stderr.strip().splitlines(), peak
 
 
 CASES = [(name, command) for name, (_, commands, _) in BOMBS.items() for command in commands]

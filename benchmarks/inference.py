@@ -48,7 +48,7 @@ from attention3d import create_model
 from benchmarks._report import ROOT, table, write_section
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.config import load_config
-from pipeline.datalists import kfold_split, load_dataset
+from pipeline.datalists import load_dataset
 from pipeline.devices import autocast, resolve_precision
 from pipeline.imageio import read_volume
 from pipeline.infer import run_inference
@@ -56,6 +56,7 @@ from pipeline.integrity import check_dataset
 from pipeline.losses import SegLoss
 from pipeline.metrics import dice_per_class, mean_foreground_dice
 from pipeline.optimizer import build_optimizer
+from pipeline.splits import kfold_split
 from pipeline.synthetic import CaseSpec, make_phantom, save_atomic, synthesize, to_nifti
 from pipeline.train_data import epoch_loader, make_train_dataset
 from pipeline.transforms import IMAGE, LABEL, as_record, compute_preprocessing

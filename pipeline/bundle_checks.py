@@ -14,7 +14,8 @@ import math
 from typing import Any
 
 from attention3d import UNetConfig, unet_config
-from pipeline.config import ModelConfig, describe_validation, unet_problem
+from pipeline.bounds import unet_problem
+from pipeline.config import ModelConfig, describe_validation
 from pipeline.errors import Seg3dError, one_line, shown
 
 INTENSITY_MODES = ("foreground", "window")

@@ -1,9 +1,8 @@
-"""Datalists: which cases a dataset holds, where their files are, what their labels mean, and how they split.
+"""Datalists: which cases a dataset holds, where their files are, what their labels mean (the split: splits.py).
 
-A dataset comes as an MSD `dataset.json` (or its folder), a folder with images/ and labels/ (nnU-Net's
-`_0000` channel suffix allowed, DICOM series as sub-folders) or a CSV `case,image,label`. Reading the voxels and
-checking them is `pipeline.integrity`'s job; this module only lists.
-"""
+A dataset comes as an MSD `dataset.json` (or its folder), a folder with images/ and labels/ (nnU-Net's `_0000`
+channel suffix allowed, DICOM series as sub-folders) or a CSV `case,image,label`. Reading the voxels and checking
+them is `pipeline.integrity`'s job; this module only lists."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -400,17 +398,3 @@ def undeclared_message(values: list, labels: dict[str, int]) -> str:
         f"label values {listed} are not declared ({declared}); fix the label files or the dataset's labels, "
         "or pass --labels NAME=VALUE to select classes and treat every other value as background"
     )
-
-
-def kfold_split(case_ids: list[str], folds: int, fold: int, seed: int) -> dict[str, Any]:
-    """Seeded k-fold over the sorted case ids: the same cases, folds and seed give the same split anywhere."""
-    ids = sorted(case_ids)
-    if len(ids) < folds:
-        raise Seg3dError(
-            f"{len(ids)} labelled case(s) cannot make {folds} folds; set train.folds to at most {len(ids)} "
-            "(and at least 2), or add cases"
-        )
-    order = np.random.default_rng(seed).permutation(len(ids))
-    parts = np.array_split(order, folds)
-    val = sorted(ids[i] for i in parts[fold])
-    return {"folds": folds, "fold": fold, "seed": seed, "train": [c for c in ids if c not in set(val)], "val": val}

@@ -77,7 +77,7 @@ def sidecar_path(output: Path) -> Path:
 
 def parse_patch(spec: str) -> tuple[int, int, int]:
     """`X,Y,Z` (voxels) -> a tuple of three positive ints, within the bounds a config's data.patch_size has."""
-    from pipeline.config import patch_problem
+    from pipeline.bounds import patch_problem
 
     parts = [p.strip() for p in spec.split(",")]
     # ASCII digits only: str.isdigit() takes "²", which int() refuses; and no number of a thousand digits.

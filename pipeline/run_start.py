@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.datalists import kfold_split
 from pipeline.distributed import Dist, restart_count
 from pipeline.epochs import epoch_metrics
 from pipeline.errors import Seg3dError
 from pipeline.fileio import require_output_folder
 from pipeline.rank_setup import Setup
 from pipeline.run_folder import RunLock, git_commit, prepare_run_dir, sweep_temporaries, write_run_files
+from pipeline.splits import kfold_split
 from pipeline.tracking.off import open_tracker
 from pipeline.transforms import Preprocessing, as_record, compute_preprocessing
 from pipeline.yamlio import read_text

@@ -20,9 +20,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.datalists import Dataset, kfold_split
+from pipeline.datalists import Dataset
 from pipeline.errors import Seg3dError
 from pipeline.fileio import atomic_write_text
+from pipeline.splits import kfold_split
 from pipeline.study.config import StudyConfig
 
 STUDY, SPLIT, PARENT, DONE = "study.json", "split.json", "parent_run.json", "done.json"

@@ -24,8 +24,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from pipeline.bounds import MAX_PATCH_EDGE  # noqa: E402
 from pipeline.bundle import CONFIG, METADATA, PREPROCESSING, WEIGHTS, load_bundle  # noqa: E402
-from pipeline.config import MAX_PATCH_EDGE  # noqa: E402
 from pipeline.errors import Seg3dError  # noqa: E402
 from pipeline.predict import Predictor  # noqa: E402
 

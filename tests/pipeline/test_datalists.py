@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datalists import Case, Dataset, kfold_split, load_dataset, parse_labels
+from pipeline.datalists import Case, Dataset, load_dataset, parse_labels
 from pipeline.errors import Seg3dError
+from pipeline.splits import kfold_split
 from tests.pipeline._datasets import ct, organ, phantom_dataset, save
 
 

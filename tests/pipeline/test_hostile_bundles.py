@@ -24,8 +24,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from attention3d import create_model, list_models
+from pipeline.bounds import MAX_PATCH_EDGE
 from pipeline.bundle import CONFIG, METADATA, PREPROCESSING, WEIGHTS, load_bundle, save_bundle
-from pipeline.config import MAX_PATCH_EDGE, load_config
+from pipeline.config import load_config
 from pipeline.errors import Seg3dError
 from pipeline.predict import Predictor
 from pipeline.synthetic import synthesize

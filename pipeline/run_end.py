@@ -117,8 +117,9 @@ def finish_run(
         tracker.log_artifact(path)
     if table["case"]:
         tracker.log_table(table, "per_case_dice.json")
+    tracker.make_model(bundle, cfg.model.name)  # the bundle is also an MLflow pyfunc model (pipeline/mlflow_model.py)
     tracker.log_artifacts(bundle, "bundle")
-    version = tracker.register_model("bundle", cfg.registry_name) if register else None
+    version = tracker.register_model("bundle", cfg.registry_name, alias="candidate") if register else None
     faults.point("train.finish")
     tracker.end("FINISHED")
     return TrainResult(

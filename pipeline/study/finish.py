@@ -113,6 +113,7 @@ def champion(cfg: StudyConfig, *, study_dir: Path, winner: dict, tracker, outcom
         postprocess=winner["postprocess"],
         provenance={"study": cfg.name, "winner": winner, "mlflow_run_id": tracker.run_id},
     )
+    tracker.make_model(folder, "ensemble")
     tracker.log_artifacts(folder, CHAMPION)
     version = tracker.register_model(CHAMPION, cfg.registered_model, alias="champion")
     outcome.registered_version = version

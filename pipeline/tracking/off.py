@@ -50,6 +50,9 @@ class NoTracker:
     def log_artifacts(self, folder: Path, artifact_path: str) -> None:
         pass
 
+    def make_model(self, folder: Path, name: str) -> None:
+        pass
+
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
         pass
 

@@ -263,6 +263,16 @@ class Tracker:
             lambda: self._client.log_artifacts(run_id, str(folder), artifact_path),
         )
 
+    def make_model(self, folder: Path, name: str) -> None:
+        """Make the bundle `folder` an MLflow pyfunc model in place (pipeline/tracking/pyfunc.py), before it is
+        logged; a failure (a full disk) is a warning: the folder is still a seg3d bundle."""
+        from pipeline.tracking.pyfunc import write_mlmodel
+
+        try:
+            write_mlmodel(folder, name=name)
+        except OSError as e:
+            log.warning("could not write the MLflow model files into %s (%s); it is logged as a seg3d bundle", folder, e)
+
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
         """Log a table (column name -> values) as a JSON artifact that the MLflow UI shows as a table."""
         run_id = self._require_run()

@@ -88,6 +88,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """The model's tensors alone as a PyTorch file (MONAI Bundle's models/model.pt), readable with weights_only."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

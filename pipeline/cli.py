@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_model_info)
 
     p = sub.add_parser(
-        "export", help="export a trained network to ONNX or TorchScript, with its preprocessing in OUTPUT.json"
+        "export",
+        help="export a trained network to ONNX or TorchScript (preprocessing in OUTPUT.json), or as a MONAI Bundle",
     )
     p.add_argument(
         "--model",
@@ -224,11 +225,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bundle folder, runs:/RUN_ID/bundle or models:/NAME/VERSION (of an ensemble, one member:"
         " ENSEMBLE/members/NAME)",
     )
-    p.add_argument("--format", required=True, metavar="{onnx,torchscript}", help="onnx or torchscript")
-    p.add_argument("--output", type=Path, required=True, help="file to write, e.g. model.onnx (and model.onnx.json)")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="{onnx,torchscript,monai-bundle}",
+        help="onnx or torchscript (one file), or monai-bundle (a folder MONAI runs as it is, with the preprocessing,"
+        " sliding window, inversion and post-processing of `seg3d infer`)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="file to write, e.g. model.onnx (and model.onnx.json); for monai-bundle a new or empty folder",
+    )
     p.add_argument("--patch", default=None, help="input patch X,Y,Z in voxels (default: the bundle's patch size)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ models")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT and OUTPUT.json")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OUTPUT and OUTPUT.json (not for monai-bundle)"
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("doctor", help="check versions, devices, tracking store and folders; exit 1 if one is missing")

@@ -203,8 +203,10 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_model, parse_patch
+    from pipeline.export import FOLDER_FORMATS, check_format, export_model, parse_patch
 
+    if check_format(args.format, folders=True) in FOLDER_FORMATS:
+        return _export_monai_bundle(args)
     result = export_model(
         args.model,
         args.output,
@@ -222,6 +224,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"preprocessing, patch size and labels: {result.sidecar}")
     if result.preprocessing is not None:
         print(f"the bundle's preprocessing: {result.preprocessing}")
+    return 0
+
+
+def _export_monai_bundle(args: argparse.Namespace) -> int:
+    from pipeline.export import parse_patch
+    from pipeline.monai_bundle import export_monai_bundle
+
+    if args.overwrite:
+        raise Seg3dError(
+            "--overwrite does not apply to --format monai-bundle: a bundle is written only into a new or empty folder"
+        )
+    result = export_monai_bundle(
+        args.model,
+        args.output,
+        patch=parse_patch(args.patch) if args.patch else None,
+        tracking_uri=args.tracking_uri,
+    )
+    x, y, z = result.patch
+    print(
+        f"wrote MONAI Bundle {result.path} ({result.model}, patch {x}, {y}, {z}) in {result.seconds:.1f} s; max"
+        f" |difference| of its network_def to PyTorch {result.max_abs_error:.2g}"
+        f" (logits up to {result.logit_scale:.2g})"
+    )
+    print(
+        f"run it: cd {result.path} && python -m monai.bundle run --config_file configs/inference.json"
+        " --dataset_dir IN --output_dir OUT"
+    )
     return 0
 
 

@@ -37,7 +37,8 @@ from pipeline.bundle import PREPROCESSING
 from pipeline.errors import Seg3dError, one_line, shown
 from pipeline.fileio import atomic_write, atomic_write_text, remove_temporaries, require_output_folder, sha256_file
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript")  # one network file
+FOLDER_FORMATS = ("monai-bundle",)  # a folder with the network, its pre- and post-processing: pipeline/monai_bundle.py
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 EXPORT_FORMAT = 1  # version of the sidecar's layout
 # fp32 kernels of another runtime sum in another order; 1e-4 of the logits' scale is far below what changes a label.
@@ -90,10 +91,13 @@ def parse_patch(spec: str) -> tuple[int, int, int]:
     return patch
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise Seg3dError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return fmt
+def check_format(fmt: str, folders: bool = False) -> str:
+    """`fmt` if it is a network-file format (or, with `folders`, a folder format too)."""
+    if fmt in FORMATS or (folders and fmt in FOLDER_FORMATS):
+        return fmt
+    if fmt in FOLDER_FORMATS:
+        raise Seg3dError(f"export format {fmt!r} writes a folder, not one file: use pipeline.monai_bundle")
+    raise Seg3dError(f"unknown export format {fmt!r}; choose one of {', '.join((*FORMATS, *FOLDER_FORMATS))}")
 
 
 def check_output(output: Path, overwrite: bool = False) -> None:

@@ -271,7 +271,7 @@ class Tracker:
         try:
             write_mlmodel(folder, name=name)
         except OSError as e:
-            log.warning("could not write the MLflow model files into %s (%s); it is logged as a seg3d bundle", folder, e)
+            log.warning("could not write the MLflow model files into %s (%s); logged as a seg3d bundle", folder, e)
 
     def log_table(self, columns: Mapping[str, list], artifact_file: str) -> None:
         """Log a table (column name -> values) as a JSON artifact that the MLflow UI shows as a table."""

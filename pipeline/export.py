@@ -151,7 +151,9 @@ def _quiet():
 # -- the two exporters: write `tmp`, return what they want recorded -------------------------------------------------
 
 
-def _export_onnx(graph: nn.Module, example: torch.Tensor, tmp: Path, info: str) -> dict[str, Any]:
+def _export_onnx(
+    graph: nn.Module, example: torch.Tensor, tmp: Path, info: str, extra: dict[str, str]
+) -> dict[str, Any]:
     try:
         import onnxscript  # noqa: F401  (torch's exporter needs it; an ImportError deep inside it is less clear)
     except ImportError:
@@ -167,15 +169,18 @@ def _export_onnx(graph: nn.Module, example: torch.Tensor, tmp: Path, info: str) 
         verbose=False,
     )
     program.model.metadata_props["seg3d"] = info
+    program.model.metadata_props.update(extra)
     program.save(str(tmp), external_data=False)  # one file: the sidecar and the atomic rename expect one
     return {"opset": int(program.model.opset_imports.get("", 0))}
 
 
-def _export_torchscript(graph: nn.Module, example: torch.Tensor, tmp: Path, info: str) -> dict[str, Any]:
+def _export_torchscript(
+    graph: nn.Module, example: torch.Tensor, tmp: Path, info: str, extra: dict[str, str]
+) -> dict[str, Any]:
     # Tracing, not scripting: the U-Net's config dataclass and its dict of auxiliary outputs are not TorchScript.
     with torch.no_grad():
         traced = torch.jit.trace(graph, example, check_trace=False)
-    torch.jit.save(traced, str(tmp), _extra_files={"seg3d.json": info})
+    torch.jit.save(traced, str(tmp), _extra_files={"seg3d.json": info, **extra})
     return {}
 
 
@@ -201,9 +206,12 @@ def export_network(
     info: dict[str, Any] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    extra_files: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export `net` (a registered variant `name`) for inputs of (B, in_channels, *patch), check the file against the
     network, then write it and its sidecar `OUTPUT.json` atomically. `info` goes into the sidecar (preprocessing...).
+    `extra_files` (name -> text) are embedded too: TorchScript extra files (MONAI Deploy reads a bundle's
+    metadata.json and inference.json from there), ONNX metadata properties.
 
     A variant the exporter cannot handle raises Seg3dError naming the variant, the format and the exporter's reason.
     """
@@ -240,7 +248,7 @@ def export_network(
         exporter = _export_onnx if fmt == "onnx" else _export_torchscript
         try:
             with _quiet():
-                extra = exporter(graph, example, tmp, embedded)
+                extra = exporter(graph, example, tmp, embedded, extra_files or {})
                 exported = run_exported(tmp, fmt, check.numpy())
         except Seg3dError:
             raise

@@ -255,6 +255,7 @@ def build_folder(folder: Path, bundle, patch: tuple[int, int, int], source: str)
         (folder / sub).mkdir()
     net = bundle.model.to("cpu").float().eval()
     name = bundle.config.model.name
+    configs = {"metadata.json": metadata(bundle, patch, source), "inference.json": inference_config(bundle, patch)}
     export_network(
         net,
         folder / "models" / "model.ts",
@@ -262,10 +263,13 @@ def build_folder(folder: Path, bundle, patch: tuple[int, int, int], source: str)
         name=name,
         patch=patch,
         info=_bundle_info(bundle, source),
+        # MONAI's own TorchScript bundles carry their configs as extra files (monai.bundle ckpt_export); MONAI Deploy's
+        # MonaiBundleInferenceOperator reads them from there.
+        extra_files={file: json.dumps(value) for file, value in configs.items()},
     )
     save_state_dict(net, folder / "models" / "model.pt")
-    _write_json(folder / "configs" / "metadata.json", metadata(bundle, patch, source))
-    _write_json(folder / "configs" / "inference.json", inference_config(bundle, patch))
+    for file, value in configs.items():
+        _write_json(folder / "configs" / file, value)
     shutil.copyfile(SCRIPT_SOURCE, folder / "scripts" / "postprocess.py")
     (folder / "scripts" / "__init__.py").write_text("")
     (folder / "docs" / "README.md").write_text(readme(bundle, patch, source))

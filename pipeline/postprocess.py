@@ -13,11 +13,9 @@ Predictor is built; an unknown name is an error there rather than a rule silentl
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from pipeline.config import PostprocessConfig
 from pipeline.errors import Seg3dError, shown
-from pipeline.grid import bounding_box
 
 # What `inside: null` stands for (and `tumour_inside_pancreas: true` in bundles written before `inside` existed):
 # the tumour class of MSD Task07 ("cancer") and its other spellings inside the pancreas, matched in any case,
@@ -54,25 +52,8 @@ def postprocess(labels: np.ndarray, names: list[str], cfg: PostprocessConfig) ->
     Works inside the foreground's bounding box: on a 512 x 512 x 1000 CT the pancreas is a small part of the
     volume. The `inside` rule sees the labels after the largest-component rule, and each rule the labels the rules
     before it left."""
+    # One definition, shared with the exported MONAI Bundle, whose scripts/postprocess.py is that module's file.
+    from pipeline.monai_bundle_postprocess import keep_components
+
     rules = inside_rules(cfg, names)
-    if not cfg.largest_component and not rules:
-        return labels
-    box = bounding_box(labels > 0)
-    if box is None:
-        return labels
-    sub = labels[box].copy()
-    structure = ndimage.generate_binary_structure(3, 1)
-    if cfg.largest_component:
-        comp, n = ndimage.label(sub > 0, structure)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())[1:]
-            sub[comp != (1 + int(np.argmax(sizes)))] = 0
-    for tumour, organ in rules:
-        near_organ = ndimage.binary_dilation(sub == organ, structure)
-        comp, n = ndimage.label(sub == tumour, structure)
-        if n:
-            keep = np.unique(comp[near_organ & (comp > 0)])
-            sub[(comp > 0) & ~np.isin(comp, keep)] = 0
-    out = labels.copy()
-    out[box] = sub
-    return out
+    return keep_components(labels, cfg.largest_component, [list(rule) for rule in rules])

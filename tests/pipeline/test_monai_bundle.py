@@ -87,6 +87,18 @@ def test_the_folder_holds_what_the_specification_asks_for(exported, bundle_dir):
     assert config["inferer"]["mode"] == "gaussian" and config["inferer"]["overlap"] == 0.5
 
 
+def test_the_torchscript_file_carries_the_configs_as_monai_deploy_reads_them(exported):
+    """MONAI Deploy's MonaiBundleInferenceOperator loads a TorchScript bundle through MONAI's load_net_with_metadata,
+    which reads metadata.json and the other configs from the file's extra files."""
+    from monai.data import load_net_with_metadata
+
+    net, meta, extra = load_net_with_metadata(exported / "models" / "model.ts", more_extra_files=("inference.json",))
+    assert meta == json.loads((exported / "configs" / "metadata.json").read_text())
+    assert json.loads(extra["inference.json"]) == json.loads((exported / "configs" / "inference.json").read_text())
+    x = torch.zeros(1, 1, *meta["network_data_format"]["inputs"]["image"]["spatial_shape"])
+    assert net(x).shape[1] == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+
+
 def test_monai_runs_it_without_seg3d_and_agrees_with_seg3d_infer(exported, bundle_dir, inputs, tmp_path):
     probe = monai_bundle(exported, "--help")  # fire's help: monai.bundle's command line itself is there
     assert probe.returncode == 0, probe.stderr[-2000:]

@@ -66,11 +66,12 @@ def test_wider_networks_and_attention_cost_more():
 
 
 def test_peak_memory_grows_with_the_batch():
-    one = measure_costs(tiny(), num_classes=3, repeats=1)["peak_train_mib"]
     four = measure_costs(tiny("unet", "train.batch_size=4"), num_classes=3, repeats=1)["peak_train_mib"]
-    # Activations of 16^3 patches at 4 channels are about 64 KiB each, dozens per step: 3 more patches add well
-    # over 1 MiB.
-    assert four > one + 1.0, (one, four)
+    sixteen = measure_costs(tiny("unet", "train.batch_size=16"), num_classes=3, repeats=1)["peak_train_mib"]
+    # Activations of 16^3 patches at 4 channels are about 64 KiB each, dozens per step: 12 more patches add well
+    # over 6 MiB. (Not from batch 1: on an AVX2 CPU oneDNN's batch-1 convolutions take a workspace of their own, and
+    # a step of 1 patch measured 4.15 MiB against 2.36 for 2 and 4.64 for 4; 16 measured 18.3.)
+    assert sixteen > four + 6.0, (four, sixteen)
 
 
 @pytest.mark.gpu

@@ -65,7 +65,7 @@ this bundle: give the bundle NIfTI files.
   `attention3d` package: seg3d's U-Net (its padding to the total stride, its attention plug points) is not one of
   `monai.networks.nets`, for this variant and every other. With seg3d installed:
   `attention3d.create_model("{name}", **metadata["seg3d"]["bundle_metadata"]["unet_config"])` and
-  `load_state_dict(torch.load("models/model.pt"))`.
+  `load_state_dict(torch.load("models/model.pt", weights_only=True))`.
 
 ## Checks that ran
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.tracking.store import scoped_env
 from tests.pipeline._training import mlflow_client, phantom_data, tiny_cfg
 
 NAME = "seg3d-pyfunc-test"
@@ -70,9 +71,10 @@ def test_the_registered_version_is_the_logged_bundle_with_an_alias_and_a_signatu
         for artifact in client.list_artifacts(run_id, stack.pop()):
             (stack.append(artifact.path) if artifact.is_dir else everything.append(artifact.path))
     assert [p for p in everything if p.endswith(".safetensors")] == ["bundle/model.safetensors"]
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    info = mlflow.models.get_model_info(f"models:/{NAME}@candidate")
+    # models:/ resolves through the process-wide registry URI: set it for this call only (mlflow.set_registry_uri
+    # would leak into every later test of the session and send their models:/ lookups to this store).
+    with scoped_env({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}):
+        info = mlflow.models.get_model_info(f"models:/{NAME}@candidate")
     assert info.flavors["python_function"]["loader_module"] == "pipeline.mlflow_model"
     assert info.signature.inputs.input_names() == ["image", "output"]
     assert info.signature.outputs.input_names() == ["image", "mask", "error"]

@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32",
     )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnxruntime"),
+        default="torch",
+        help="the engine that runs the network on the CPU; auto: the fastest that matches PyTorch, measured once per"
+        " machine and model and cached (SEG3D_CACHE, else ~/.cache/seg3d)",
+    )
     p.add_argument("--tta", action="store_true", help="average over all 8 mirrorings (8x slower)")
     p.add_argument("--no-postprocess", action="store_true", help="keep every connected component")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default 0.5)")

@@ -96,6 +96,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         device=args.device,
         precision=args.precision,
+        backend=args.backend,
         tta=args.tta,
         postprocess=not args.no_postprocess,
         overlap=args.overlap,

@@ -315,6 +315,8 @@ class EnsemblePredictor:
         tta: bool = False,
         postprocess: bool = True,
         overlap: float | None = None,
+        backend: str = "torch",
+        notes: Callable[[str], None] | None = None,
     ) -> EnsemblePredictor:
         """`postprocess` False (--no-postprocess) turns the ensemble's own post-processing off; True keeps it as the
         ensemble says. An ensemble of one runs its member exactly as a single bundle would (same labels, same speed)."""
@@ -322,7 +324,14 @@ class EnsemblePredictor:
         single = len(ensemble.members) == 1
         predictors = [
             Predictor.from_bundle(
-                bundle, device=device, precision=precision, tta=tta, postprocess=postprocess and single, overlap=overlap
+                bundle,
+                device=device,
+                precision=precision,
+                tta=tta,
+                postprocess=postprocess and single,
+                overlap=overlap,
+                backend=backend,
+                notes=notes,
             )
             for bundle in ensemble.members.values()
         ]
@@ -373,12 +382,11 @@ def make_predictor(
     tta: bool = False,
     postprocess: bool = True,
     overlap: float | None = None,
+    backend: str = "torch",
+    notes: Callable[[str], None] | None = None,
 ) -> Predictor | EnsemblePredictor:
     """The predictor `seg3d infer` runs: a bundle's own Predictor, or an ensemble's."""
+    settings = dict(device=device, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap)
     if isinstance(model, Ensemble):
-        return EnsemblePredictor.from_ensemble(
-            model, device=device, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap
-        )
-    return Predictor.from_bundle(
-        model, device=device, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap
-    )
+        return EnsemblePredictor.from_ensemble(model, **settings, backend=backend, notes=notes)
+    return Predictor.from_bundle(model, **settings, backend=backend, notes=notes)

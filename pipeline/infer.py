@@ -41,6 +41,7 @@ from pipeline.case_outputs import (
 from pipeline.datalists import Case, case_id, list_images
 from pipeline.devices import resolve_device
 from pipeline.dicom_input import dicom_input, is_zip_input
+from pipeline.engines import check_engine
 from pipeline.ensemble import Ensemble, EnsemblePredictor, adhoc_ensemble, load_model, make_predictor, model_name
 from pipeline.errors import Seg3dError, one_line, shown
 from pipeline.fileio import check_inside, is_nifti
@@ -176,6 +177,7 @@ def run_inference(
     tracking_uri: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "torch",
     tta: bool = False,
     postprocess: bool = True,
     overlap: float | None = None,
@@ -225,6 +227,7 @@ def run_inference(
         if overlap is not None and not 0 <= overlap < 1:
             raise Seg3dError(f"--overlap must be in [0, 1), got {overlap}")
         dev = resolve_device(device)
+        check_engine(backend)
 
         summary = InferenceSummary()
         sweep_temporaries(plans.values())
@@ -241,7 +244,14 @@ def run_inference(
                 )
             summary.ensemble = len(bundle.members) if isinstance(bundle, Ensemble) else 0
             predictor = make_predictor(
-                bundle, device=dev, precision=precision, tta=tta, postprocess=postprocess, overlap=overlap
+                bundle,
+                device=dev,
+                precision=precision,
+                tta=tta,
+                postprocess=postprocess,
+                overlap=overlap,
+                backend=backend,
+                notes=lambda line: tqdm.write(f"seg3d infer: {line}", file=sys.stderr),
             )
             run = _run_info(bundle, predictor, tta=tta, postprocess=postprocess)
             bar = tqdm(todo, desc="infer", unit="case", disable=None if progress is None else not progress)
@@ -267,6 +277,7 @@ def run_inference(
 def _run_info(bundle: Bundle | Ensemble, predictor: Predictor | EnsemblePredictor, **settings) -> RunInfo:
     first = predictor.members[0] if isinstance(predictor, EnsemblePredictor) else predictor
     settings["overlap"] = first.inference.overlap
+    settings["engine"] = first.engine_name  # the one that ran the network's windows (pipeline/engines.py)
     return RunInfo(
         model=model_identity(bundle, model_name(bundle)),
         device=str(first.device),

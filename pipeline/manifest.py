@@ -41,7 +41,7 @@ class RunInfo:
     model: ModelIdentity
     device: str  # e.g. "cpu", "cuda:0"
     precision: str  # the autocast type the network ran in: "float32", "bfloat16", "float16"
-    settings: dict  # tta, overlap, postprocess: what changes the result besides the model
+    settings: dict  # tta, overlap, postprocess, engine: what changes the result besides the model
 
 
 def model_identity(model, name: str) -> ModelIdentity:

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from attention3d.fusion import fold_batch_norms
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.devices import autocast, resolve_precision
+from pipeline.engines import check_engine, choose_engine, describe, onnx_network
 from pipeline.errors import Seg3dError
 from pipeline.grid import Grid, argmax_classes, labels_in_grid, resample_to_grid
 from pipeline.imageio import SourceFile, Volume, read_volume
@@ -93,11 +94,15 @@ class Predictor:
         tta: bool = False,
         channels_last: bool = False,
         fold_norms: bool = False,
+        backend: str = "torch",
+        notes: Callable[[str], None] | None = None,
     ):
         """`channels_last` converts the model's weights in place (NDHWC), the layout oneDNN's 3D convolutions on CPU
         run fastest in (docs/benchmarks.md, "design measurements"). Only for a model that is not trained further.
         `fold_norms` runs a copy of the model with its batch norms folded into the convolutions before them (the
         same function, one pass less over every feature map); the given model is left as it is.
+        `backend` (pipeline/engines.py): the engine that runs the network's windows on the CPU; `auto` measures
+        and says its choice to `notes`. Gate maps (`gates=True`) always come from PyTorch.
         `postprocessing` is checked against the model's class names here (a Seg3dError names a class it lacks)."""
         if postprocessing is not None:
             inside_rules(postprocessing, pre.label_names)
@@ -107,13 +112,35 @@ class Predictor:
             model = copy.deepcopy(model)
             fold_batch_norms(model)
         self.model = model.to(self.device)
+        self.patch_size = tuple(patch_size)
+        self.engine: nn.Module | None = None  # the network a non-PyTorch engine runs; None: PyTorch's own
+        self.engine_name = check_engine(backend)
+        if backend != "torch":
+            if self.device.type != "cpu":
+                raise Seg3dError(f"--backend {backend} runs on the CPU; on {self.device.type} use --backend torch")
+            try:
+                self.engine = onnx_network(self.model, self.patch_size, inference.sw_batch_size, notes)
+            except Seg3dError as err:  # a layer the exporter cannot handle: PyTorch runs it, said in one line
+                if notes:
+                    notes(f"backend {backend}: {err}; running the network in PyTorch")
+                backend = self.engine_name = "torch"
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.pre = pre
         self.dtype = resolve_precision(precision, self.device)
+        if backend == "auto":
+            timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
+            choice = choose_engine(
+                self.model, {"torch": timed, "onnxruntime": self.engine}, self.patch_size, inference.sw_batch_size
+            )
+            if notes:
+                notes(describe(choice))
+            self.engine_name = choice.engine
+            self.engine = self.engine if choice.engine == "onnxruntime" else None
+        if self.engine is not None:
+            self.dtype = torch.float32  # the exported network runs in fp32 (gate maps from PyTorch then too)
         self.postprocessing = postprocessing
-        self.patch_size = tuple(patch_size)
         self.inference = inference
         self.tta = tta
         self.transforms = inference_transforms(pre)
@@ -127,6 +154,8 @@ class Predictor:
         tta: bool = False,
         postprocess: bool = True,
         overlap: float | None = None,
+        backend: str = "torch",
+        notes: Callable[[str], None] | None = None,
     ) -> Predictor:
         cfg = bundle.config
         inference = cfg.inference if overlap is None else cfg.inference.model_copy(update={"overlap": overlap})
@@ -141,6 +170,8 @@ class Predictor:
             tta=tta,
             channels_last=torch.device(device).type == "cpu",
             fold_norms=True,
+            backend=backend,
+            notes=notes,
         )
 
     @property
@@ -157,6 +188,8 @@ class Predictor:
         return self.device if need < 0.5 * free else torch.device("cpu")
 
     def _network(self, gates: bool) -> _Timed:
+        if self.engine is not None and not gates:
+            return _Timed(self.engine, device=self.device, dtype=self.dtype, gates=False, channels_last=False)
         return _Timed(self.model, device=self.device, dtype=self.dtype, gates=gates, channels_last=self.channels_last)
 
     def _window(self, x: torch.Tensor, network: nn.Module) -> torch.Tensor:

@@ -52,7 +52,7 @@ def test_the_manifest_lists_every_output_with_its_checksum_and_the_input_as_read
     assert {"seg3d", "torch", "monai", "pydicom", "highdicom", "rt-utils"} <= set(manifest["versions"])
     assert manifest["device"] == "cpu" and manifest["precision"] in ("float32", "bfloat16")
     assert set(manifest["timings_s"]) == {"load", "preprocess", "network", "stitch", "invert", "write"}
-    assert manifest["settings"] == {"tta": False, "postprocess": True, "overlap": 0.5}
+    assert manifest["settings"] == {"tta": False, "postprocess": True, "overlap": 0.5, "engine": "torch"}
 
     text = json.dumps(manifest)
     assert str(tmp_path) not in text, "no input or output path: hospitals name folders after patients"

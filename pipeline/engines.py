@@ -1,0 +1,198 @@
+"""The engine that runs the bundle's network inside the sliding window: PyTorch itself, or the same network exported
+to ONNX and run by ONNX Runtime's CPU provider. Only the network call differs; windows, blending, inversion and
+post-processing are the Predictor's, whatever the engine.
+
+`auto` measures every engine once per machine and bundle on a few windows and keeps the fastest one that reproduces
+PyTorch's fp32 probabilities within TOLERANCE. The choice, the timings and the check are cached as JSON in the
+engine cache folder (SEG3D_CACHE, else $XDG_CACHE_HOME/seg3d, else ~/.cache/seg3d), keyed by the network's weights,
+the patch, the batch, the engine versions, the CPU and the thread count: a changed bundle, a new onnxruntime or
+another machine measures again, and the next case costs nothing. The exported ONNX file is cached the same way.
+Nothing is ever written beside the bundle (inference leaves its inputs alone); a cache folder that cannot be
+written falls back to a temporary one, said in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import Seg3dError
+from pipeline.fileio import atomic_write_text
+
+ENGINES = ("torch", "onnxruntime")
+CHOICES = ("auto", *ENGINES)
+TOLERANCE = 1e-3  # max |difference| of the softmax probabilities against fp32 PyTorch on the check windows
+CHECK_WINDOWS = 3  # batches timed per engine (after one warm-up batch)
+
+
+def cache_root() -> Path:
+    """SEG3D_CACHE, else $XDG_CACHE_HOME/seg3d, else ~/.cache/seg3d; its `engines/` holds this module's files."""
+    if os.environ.get("SEG3D_CACHE"):
+        return Path(os.environ["SEG3D_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "seg3d"
+
+
+def check_engine(name: str) -> str:
+    if name not in CHOICES:
+        raise Seg3dError(f"--backend {name} is not an engine; choose one of {', '.join(CHOICES)}")
+    return name
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _cpu() -> str:
+    from pipeline.devices import cpu_info
+
+    return f"{cpu_info()[0]} ({platform.machine()})"
+
+
+def network_key(model: nn.Module, patch: tuple[int, ...], batch: int) -> str:
+    """What a cached export or choice depends on: weights, patch, batch, engine versions, CPU and threads."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    context = {"patch": list(patch), "batch": batch, "versions": _versions(), "cpu": _cpu()}
+    context["threads"] = torch.get_num_threads()
+    digest.update(json.dumps(context, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _cache_folder(notes: Callable[[str], None] | None) -> Path:
+    """The engines cache folder, made if missing; a temporary folder (said in one line) where it cannot be written."""
+    folder = cache_root() / "engines"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-", delete=True)
+        probe.close()
+        return folder
+    except OSError as err:
+        fallback = Path(tempfile.mkdtemp(prefix="seg3d-engines-"))
+        if notes:
+            notes(f"engine cache {folder} cannot be written ({err.strerror or err}); using {fallback} for this run")
+        return fallback
+
+
+class OnnxNetwork(nn.Module):
+    """The network as ONNX Runtime runs it: logits (B, K, *patch) float32 for windows (B, C, *patch)."""
+
+    def __init__(self, path: Path, threads: int):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # No spinning: idle threads that spin after each batch take the cores the window stitching needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # errors only: its graph-optimizer notes are not the user's business
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: array})[0])
+
+
+def onnx_network(
+    model: nn.Module, patch: tuple[int, int, int], batch: int, notes: Callable[[str], None] | None = None
+) -> OnnxNetwork:
+    """`model` exported to ONNX once per key (pipeline.export checks the file against PyTorch before it is kept)."""
+    from pipeline.export import export_network
+
+    folder = _cache_folder(notes) / network_key(model, patch, batch)
+    path = folder / "model.onnx"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        export_network(model, path, fmt="onnx", name=type(model).__name__, patch=patch, overwrite=True)
+    return OnnxNetwork(path, threads=torch.get_num_threads())
+
+
+@dataclass
+class EngineChoice:
+    engine: str
+    ms_per_batch: dict[str, float]  # engine -> best milliseconds per batch of windows
+    max_difference: dict[str, float]  # engine -> max |probability difference| against fp32 PyTorch
+    rejected: dict[str, str]  # engine -> why it was not eligible
+    key: str
+    cached: bool = False
+
+
+def _probabilities(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(network(x).float(), dim=1)
+
+
+def _best_ms(network: Callable[[torch.Tensor], torch.Tensor], windows: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        network(windows[0])  # warm-up: first-call allocations and kernel choices are not the steady state
+        times = []
+        for x in windows:
+            start = time.perf_counter()
+            network(x)
+            times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def choose_engine(
+    model: nn.Module,
+    candidates: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    patch: tuple[int, int, int],
+    batch: int,
+    in_channels: int = 1,
+    notes: Callable[[str], None] | None = None,
+) -> EngineChoice:
+    """The fastest of `candidates` (engine -> network, "torch" among them: PyTorch as the Predictor runs it, its
+    precision and layout, always eligible) whose probabilities match fp32 PyTorch (`model` without autocast) within
+    TOLERANCE, measured on CHECK_WINDOWS batches of windows (fixed seed), or read from the cache."""
+    key = network_key(model, patch, batch)
+    record = _cache_folder(notes) / f"{key}.json"
+    if record.exists():
+        try:
+            cached = EngineChoice(**{**json.loads(record.read_text()), "cached": True})
+            if cached.engine in candidates:
+                return cached
+        except (ValueError, TypeError):
+            pass  # a damaged record is measured again and replaced
+    generator = torch.Generator().manual_seed(0)
+    windows = [torch.randn(batch, in_channels, *patch, generator=generator) for _ in range(CHECK_WINDOWS)]
+    reference = _probabilities(model.eval(), windows[0])
+    ms, difference, rejected = {}, {}, {}
+    for name, network in candidates.items():
+        difference[name] = float((_probabilities(network, windows[0]) - reference).abs().max())
+        if name != "torch" and difference[name] > TOLERANCE:
+            rejected[name] = f"probabilities differ from PyTorch's by {difference[name]:.2g} (> {TOLERANCE:g})"
+            continue
+        ms[name] = round(_best_ms(network, windows), 2)
+    choice = EngineChoice(min(ms, key=ms.get), ms, difference, rejected, key)
+    fields = asdict(choice)
+    fields.pop("cached")
+    try:
+        atomic_write_text(record, json.dumps(fields, indent=2) + "\n")
+    except OSError as err:
+        if notes:
+            notes(f"engine choice not cached ({err.strerror or err}); the next run measures again")
+    return choice
+
+
+def describe(choice: EngineChoice) -> str:
+    timed = ", ".join(f"{name} {ms:.0f} ms" for name, ms in sorted(choice.ms_per_batch.items(), key=lambda kv: kv[1]))
+    source = "cached" if choice.cached else "measured"
+    line = f"backend auto: {choice.engine} ({source} per batch of windows: {timed})"
+    if choice.rejected:
+        line += "; not eligible: " + "; ".join(f"{name}: {why}" for name, why in choice.rejected.items())
+    return line

@@ -1,0 +1,167 @@
+"""The inference engines (pipeline/engines.py): ONNX Runtime against PyTorch on the same bundle and windows, `auto`'s
+choice and its cache (kept per weights, engine versions and CPU context; never an engine whose check failed), the
+fallback to PyTorch for a network the exporter cannot take, and `seg3d infer --backend` on the real CT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import engines
+from pipeline.bundle import load_bundle
+from pipeline.engines import choose_engine, describe, network_key
+from pipeline.predict import Predictor
+
+SEG3D = str(Path(sys.executable).with_name("seg3d"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One engine cache for the module: the network is exported once, as on a user's machine."""
+    return tmp_path_factory.mktemp("engine_cache")
+
+
+@pytest.fixture(autouse=True)
+def _use_cache(cache, monkeypatch):
+    monkeypatch.setenv("SEG3D_CACHE", str(cache))
+
+
+def _predictor(bundle_dir: Path, backend: str, notes=None) -> Predictor:
+    return Predictor.from_bundle(load_bundle(bundle_dir), precision="fp32", backend=backend, notes=notes)
+
+
+def test_onnxruntime_gives_pytorchs_probabilities_and_mask_on_the_real_ct(bundle_dir, real_ct):
+    ct = real_ct / "ct_small.nii.gz"
+    out = {b: _predictor(bundle_dir, b).predict_file(ct, probabilities=True) for b in ("torch", "onnxruntime")}
+    assert float(np.abs(out["onnxruntime"].probabilities - out["torch"].probabilities).max()) <= engines.TOLERANCE
+    np.testing.assert_array_equal(out["onnxruntime"].labels, out["torch"].labels)
+    assert out["torch"].labels.shape == nib.load(ct).shape
+    assert len(np.unique(out["torch"].labels)) > 1, "a constant mask would agree trivially"
+
+
+def test_auto_measures_once_then_reads_its_cache(bundle_dir, cache):
+    said: list[str] = []
+    first = _predictor(bundle_dir, "auto", said.append)
+    assert first.engine_name in ("torch", "onnxruntime")
+    assert said and said[-1].startswith(f"backend auto: {first.engine_name} (measured")
+    records = list((cache / "engines").glob("*.json"))
+    (record,) = [r for r in records if json.loads(r.read_text()).get("key") == r.stem]
+    saved = json.loads(record.read_text())
+    assert set(saved["ms_per_batch"]) == {"torch", "onnxruntime"} and saved["max_difference"]["onnxruntime"] <= 1e-3
+
+    said.clear()
+    second = _predictor(bundle_dir, "auto", said.append)
+    assert second.engine_name == first.engine_name and "(cached" in said[-1]
+
+
+def test_a_cached_choice_is_kept_for_its_weights_only():
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 3, 3, padding=1).eval()
+    assert not choose_engine(model, {"torch": model}, (16, 16, 8), 2).cached
+    assert choose_engine(model, {"torch": model}, (16, 16, 8), 2).cached
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    assert not choose_engine(model, {"torch": model}, (16, 16, 8), 2).cached
+
+
+def test_the_key_changes_with_the_weights_the_engine_versions_and_the_threads(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 3, 3, padding=1)
+    key = network_key(model, (16, 16, 8), 2)
+    assert network_key(model, (16, 16, 8), 2) == key
+    assert network_key(model, (16, 16, 16), 2) != key and network_key(model, (16, 16, 8), 4) != key
+    monkeypatch.setattr(engines, "_versions", lambda: {"torch": torch.__version__, "onnxruntime": "0.0.0"})
+    assert network_key(model, (16, 16, 8), 2) != key
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert network_key(model, (16, 16, 8), 2) != key
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_auto_never_picks_an_engine_whose_check_failed():
+    """A candidate that is faster than PyTorch but wrong is left out, with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 3, 3, padding=1)).eval()
+
+    def wrong(x: torch.Tensor) -> torch.Tensor:  # instant, and constant logits
+        return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+    choice = choose_engine(model, {"torch": model, "onnxruntime": wrong}, (16, 16, 8), 2)
+    assert choice.engine == "torch" and "onnxruntime" not in choice.ms_per_batch
+    assert "differ from PyTorch's" in choice.rejected["onnxruntime"] and "not eligible" in describe(choice)
+
+
+class _Stateful(nn.Module):
+    """A network that keeps Python state between calls: the exported graph freezes it, so the export's own check
+    against PyTorch fails (an engine must never run what it does not reproduce)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 3, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+def test_a_network_the_exporter_cannot_take_runs_in_pytorch_with_one_line():
+    from pipeline.config import InferenceConfig
+    from tests.pipeline.conftest import PRE
+
+    said: list[str] = []
+    predictor = Predictor(
+        _Stateful(),
+        PRE,
+        patch_size=(16, 16, 8),
+        inference=InferenceConfig(),
+        backend="onnxruntime",
+        notes=said.append,
+    )
+    assert predictor.engine is None and predictor.engine_name == "torch"
+    assert (
+        len(said) == 1 and said[0].startswith("backend onnxruntime: ") and "running the network in PyTorch" in said[0]
+    )
+    probabilities, _ = predictor.predict_probabilities(torch.randn(1, 1, 20, 18, 10))
+    assert probabilities.shape == (1, 3, 20, 18, 10)
+
+
+def test_seg3d_infer_backend_onnxruntime_writes_the_mask_pytorch_writes(bundle_dir, real_ct, cache, tmp_path):
+    ct = real_ct / "ct_small.nii.gz"
+    out = tmp_path / "ct.nii.gz"
+    command = [SEG3D, "infer", "--model", str(bundle_dir), "--input", str(ct), "--output", str(out)]
+    done = subprocess.run(
+        [*command, "--precision", "fp32", "--backend", "onnxruntime"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "SEG3D_CACHE": str(cache)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "ct_manifest.json").read_text())["settings"]["engine"] == "onnxruntime"
+    written = nib.load(out)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), _predictor(bundle_dir, "torch").predict_file(ct).labels)
+    np.testing.assert_allclose(written.affine, nib.load(ct).affine, atol=1e-5)
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_folder_with_one_line(bundle_dir, tmp_path, monkeypatch):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("SEG3D_CACHE", str(blocked / "cache"))
+    said: list[str] = []
+    predictor = _predictor(bundle_dir, "onnxruntime", said.append)
+    assert predictor.engine is not None and predictor.engine_name == "onnxruntime"
+    assert len(said) == 1 and "cannot be written" in said[0] and "using" in said[0]
+    assert blocked.read_text() == "not a folder"

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import Seg3dError
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import atomic_write_text, sha256_file
 
 ENGINES = ("torch", "onnxruntime")
 CHOICES = ("auto", *ENGINES)
@@ -65,7 +65,7 @@ def network_key(model: nn.Module, patch: tuple[int, ...], batch: int) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     context = {"patch": list(patch), "batch": batch, "versions": _versions(), "cpu": _cpu()}
     context["threads"] = torch.get_num_threads()
     digest.update(json.dumps(context, sort_keys=True).encode())
@@ -116,10 +116,20 @@ def onnx_network(
 
     folder = _cache_folder(notes) / network_key(model, patch, batch)
     path = folder / "model.onnx"
-    if not path.exists():
+    if not _intact(path):  # missing, or not the file its export checked: exported (again)
         folder.mkdir(parents=True, exist_ok=True)
         export_network(model, path, fmt="onnx", name=type(model).__name__, patch=patch, overwrite=True)
     return OnnxNetwork(path, threads=torch.get_num_threads())
+
+
+def _intact(path: Path) -> bool:
+    """The cached file is the one pipeline.export checked: its sidecar's SHA-256 matches."""
+    from pipeline.export import sidecar_path
+
+    try:
+        return json.loads(sidecar_path(path).read_text())["sha256"] == sha256_file(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 @dataclass

@@ -73,6 +73,16 @@ def test_a_cached_choice_is_kept_for_its_weights_only():
     assert not choose_engine(model, {"torch": model}, (16, 16, 8), 2).cached
 
 
+def test_a_damaged_cached_export_is_exported_again(bundle_dir, real_ct, cache):
+    predictor = _predictor(bundle_dir, "onnxruntime")  # the module's export, cached by the first test
+    (path,) = [p for p in (cache / "engines").glob("*/model.onnx")]
+    path.write_bytes(path.read_bytes()[:-100])
+    again = _predictor(bundle_dir, "onnxruntime")
+    assert engines._intact(path)
+    x = torch.randn(2, 1, *predictor.patch_size)
+    torch.testing.assert_close(again.engine(x), predictor.engine(x))
+
+
 def test_the_key_changes_with_the_weights_the_engine_versions_and_the_threads(monkeypatch):
     torch.manual_seed(0)
     model = nn.Conv3d(1, 3, 3, padding=1)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -65,7 +67,13 @@ def main() -> None:
         + report.split("\n", 1)[1].replace("\n# ", "\n#### ").replace("\n## ", "\n#### ")
     )
     if args.write:
-        write_section("study" if args.decoys == "matched" else "study-classic", body)
+        section = "study" if args.decoys == "matched" else "study-classic"
+        figures = ROOT / "docs" / section  # the report's figures beside the page that shows them
+        figures.mkdir(exist_ok=True)
+        for png in sorted((args.out / "study" / "report").glob("*.png")):
+            shutil.copyfile(png, figures / png.name)
+        body = re.sub(r"\]\(([\w.-]+\.png)\)", rf"]({section}/\1)", body)
+        write_section(section, body)
     print(body)
 
 

@@ -72,7 +72,7 @@ def network_key(model: nn.Module, patch: tuple[int, ...], batch: int) -> str:
     return digest.hexdigest()[:24]
 
 
-def _cache_folder(notes: Callable[[str], None] | None) -> Path:
+def cache_folder(notes: Callable[[str], None] | None = None) -> Path:
     """The engines cache folder, made if missing; a temporary folder (said in one line) where it cannot be written."""
     folder = cache_root() / "engines"
     try:
@@ -108,13 +108,12 @@ class OnnxNetwork(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-def onnx_network(
-    model: nn.Module, patch: tuple[int, int, int], batch: int, notes: Callable[[str], None] | None = None
-) -> OnnxNetwork:
-    """`model` exported to ONNX once per key (pipeline.export checks the file against PyTorch before it is kept)."""
+def onnx_network(model: nn.Module, patch: tuple[int, int, int], batch: int, cache: Path | None = None) -> OnnxNetwork:
+    """`model` exported to ONNX once per key (pipeline.export checks the file against PyTorch before it is kept) in
+    `cache` (default: cache_folder())."""
     from pipeline.export import export_network
 
-    folder = _cache_folder(notes) / network_key(model, patch, batch)
+    folder = (cache or cache_folder()) / network_key(model, patch, batch)
     path = folder / "model.onnx"
     if not _intact(path):  # missing, or not the file its export checked: exported (again)
         folder.mkdir(parents=True, exist_ok=True)
@@ -164,13 +163,14 @@ def choose_engine(
     patch: tuple[int, int, int],
     batch: int,
     in_channels: int = 1,
+    cache: Path | None = None,
     notes: Callable[[str], None] | None = None,
 ) -> EngineChoice:
     """The fastest of `candidates` (engine -> network, "torch" among them: PyTorch as the Predictor runs it, its
     precision and layout, always eligible) whose probabilities match fp32 PyTorch (`model` without autocast) within
     TOLERANCE, measured on CHECK_WINDOWS batches of windows (fixed seed), or read from the cache."""
     key = network_key(model, patch, batch)
-    record = _cache_folder(notes) / f"{key}.json"
+    record = (cache or cache_folder(notes)) / f"{key}.json"
     if record.exists():
         try:
             cached = EngineChoice(**{**json.loads(record.read_text()), "cached": True})

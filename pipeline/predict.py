@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from attention3d.fusion import fold_batch_norms
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.devices import autocast, resolve_precision
-from pipeline.engines import check_engine, choose_engine, describe, onnx_network
+from pipeline.engines import cache_folder, check_engine, choose_engine, describe, onnx_network
 from pipeline.errors import Seg3dError
 from pipeline.grid import Grid, argmax_classes, labels_in_grid, resample_to_grid
 from pipeline.imageio import SourceFile, Volume, read_volume
@@ -118,8 +118,9 @@ class Predictor:
         if backend != "torch":
             if self.device.type != "cpu":
                 raise Seg3dError(f"--backend {backend} runs on the CPU; on {self.device.type} use --backend torch")
+            cache = cache_folder(notes)  # found (or replaced by a temporary one, said once) before any export
             try:
-                self.engine = onnx_network(self.model, self.patch_size, inference.sw_batch_size, notes)
+                self.engine = onnx_network(self.model, self.patch_size, inference.sw_batch_size, cache)
             except Seg3dError as err:  # a layer the exporter cannot handle: PyTorch runs it, said in one line
                 if notes:
                     notes(f"backend {backend}: {err}; running the network in PyTorch")
@@ -131,8 +132,9 @@ class Predictor:
         self.dtype = resolve_precision(precision, self.device)
         if backend == "auto":
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
+            candidates = {"torch": timed, "onnxruntime": self.engine}
             choice = choose_engine(
-                self.model, {"torch": timed, "onnxruntime": self.engine}, self.patch_size, inference.sw_batch_size
+                self.model, candidates, self.patch_size, inference.sw_batch_size, cache=cache, notes=notes
             )
             if notes:
                 notes(describe(choice))

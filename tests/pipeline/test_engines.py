@@ -174,4 +174,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder_with_one_line(bund
     predictor = _predictor(bundle_dir, "onnxruntime", said.append)
     assert predictor.engine is not None and predictor.engine_name == "onnxruntime"
     assert len(said) == 1 and "cannot be written" in said[0] and "using" in said[0]
+    said.clear()  # auto exports and records its choice: the cache is looked for, and its trouble said, once
+    assert _predictor(bundle_dir, "auto", said.append).engine_name in ("torch", "onnxruntime")
+    assert [line for line in said if "cannot be written" in line] == said[:1] and len(said) == 2
     assert blocked.read_text() == "not a folder"

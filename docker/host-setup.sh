@@ -1,7 +1,8 @@
 #!/bin/sh
 # What the image tests (tests/test_image.py, `make image-test`) need on the host, on Debian or Ubuntu as root:
 # Debian's Docker engine (docker.io), debootstrap (the CPU base is made from Debian's packages) and docker-compose
-# (the compose file's MLflow service), dicom3tools (dciodvfy), then a running Docker daemon. Installs only what is missing, quietly.
+# (the compose file's MLflow service), dicom3tools (dciodvfy), then a running Docker daemon. Also orthanc and dcmtk for the
+# tests of `seg3d serve`. Installs only what is missing, quietly.
 #   sh docker/host-setup.sh
 set -eu
 cd "$(dirname "$0")/.."
@@ -11,6 +12,11 @@ command -v debootstrap > /dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need=
 command -v docker-compose > /dev/null 2>&1 || need="$need docker-compose"
 # dciodvfy validates the DICOM SEG and RTSTRUCT that infer writes (tests/pipeline/test_rtstruct.py and others).
 command -v dciodvfy > /dev/null 2>&1 || need="$need dicom3tools"
+# The tests of `seg3d serve` run Orthanc as a PACS on loopback, on free ports and with their own configuration
+# (tests/pipeline/_orthanc.py): a system Orthanc service that the package starts on 4242/8042 is no matter.
+[ -x /usr/sbin/Orthanc ] || command -v Orthanc > /dev/null 2>&1 || need="$need orthanc"
+# dcmtk's storescu, storescp and echoscu: a second DICOM implementation to send and receive with.
+command -v storescu > /dev/null 2>&1 || need="$need dcmtk"
 if [ -n "$need" ]; then
     if [ "$(id -u)" != 0 ] || ! command -v apt-get > /dev/null 2>&1; then
         echo "docker/host-setup.sh: missing$need; install them (apt-get install$need) as root" >&2

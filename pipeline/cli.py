@@ -18,6 +18,7 @@ from pipeline.commands import (
     _cmd_infer,
     _cmd_model_info,
     _cmd_models,
+    _cmd_serve,
     _cmd_study,
     _cmd_synth,
     _cmd_train,
@@ -205,6 +206,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser(
+        "serve",
+        help="a DICOM node: CT series pushed to it (C-STORE) are segmented, their DICOM SEG sent on",
+        description="Receive CT series over DICOM (Storage SCP), segment each complete series with --model as seg3d"
+        " infer does, and send its DICOM SEG to --send-to (C-STORE), retried while it is down. Every stage lives in"
+        " --spool, so a node killed at any moment and started again finishes what it acknowledged. Logs name a series"
+        " by a hash of its Series Instance UID only.",
+    )
+    p.add_argument("--model", required=True, help="a bundle or ensemble folder, runs:/... or models:/...")
+    p.add_argument("--spool", type=Path, required=True, help="the node's state: received series, results, failures")
+    p.add_argument("--send-to", required=True, metavar="AET@HOST:PORT", help="where results go, e.g. ORTHANC@pacs:4242")
+    p.add_argument("--ae-title", default="SEG3D", help="this node's AE title (default SEG3D)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
+    p.add_argument(
+        "--allow", action="append", metavar="AET", help="a calling AE title to accept (repeat); default: any"
+    )
+    p.add_argument(
+        "--quiet-time",
+        type=float,
+        default=10.0,
+        help="seconds without a new instance after which a series is complete (default 10)",
+    )
+    p.add_argument(
+        "--no-complete-on-release",
+        action="store_true",
+        help="a series is complete only after --quiet-time, not at the end of the association that brought it (for"
+        " routers that send one instance per association)",
+    )
+    p.add_argument(
+        "--health-port", type=int, default=11113, help="/health and /metrics on 127.0.0.1 (default 11113; 0: none)"
+    )
+    p.add_argument("--rtstruct", action="store_true", help="send an RT Structure Set too")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ models")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="torch")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
         "demo", help="synthesise CT, train an Attention U-Net for a few minutes, evaluate, log to MLflow"
     )
     p.add_argument("--output", type=Path, default=None, help="demo folder (default: runs/demo-<timestamp>)")
@@ -265,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that run MONAI code but no MLflow run: MONAI is imported without its integrations' libraries (MLflow,
 # matplotlib, pandas, scikit-learn), which they would otherwise pay for at start-up (pipeline.startup).
-LEAN_MONAI = frozenset({"infer", "evaluate", "export", "models", "model-info"})
+LEAN_MONAI = frozenset({"infer", "serve", "evaluate", "export", "models", "model-info"})
 
 
 class Terminated(KeyboardInterrupt):

@@ -115,6 +115,12 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 2 if summary.failed else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import options, serve
+
+    return serve(options(args))
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from pipeline.infer import parse_shard
     from pipeline.study.config import load_study_config

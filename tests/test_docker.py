@@ -381,6 +381,8 @@ def test_compose_services_gpu_mounts_and_loopback_ports():
     assert {"mlflow", "seg3d"} <= set(services)
 
     for name, service in services.items():
+        if name == "serve":  # the DICOM node: the PACS must reach it (below)
+            continue
         for port in service.get("ports", []):
             host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
@@ -404,7 +406,16 @@ def test_compose_services_gpu_mounts_and_loopback_ports():
     assert mounts["/output"] is False, "/output must be writable"
     assert "/cache" in mounts and mounts["/cache"] is False
 
-    for name in ("mlflow", "seg3d"):
+    # The DICOM node publishes its DICOM port alone (not /health, which stays inside the container), keeps its
+    # state in a volume, reaches the PACS (default network) and nothing of MLflow's internal one.
+    serve = services["serve"]
+    assert serve["ports"] == ["${SEG3D_DICOM_BIND:-0.0.0.0}:${SEG3D_DICOM_PORT:-11112}:11112"]
+    assert "seg3d-spool:/spool" in serve["volumes"] and "seg3d-spool" in doc["volumes"]
+    assert serve["networks"] == ["default"]
+    assert "11113/health" in " ".join(serve["healthcheck"]["test"])
+    assert serve["command"][0] == "serve" and "--spool" in serve["command"]
+
+    for name in ("mlflow", "seg3d", "serve"):
         service = services[name]
         assert service["read_only"] is True and "/tmp" in service["tmpfs"], f"{name}: root filesystem not read-only"
         assert str(service["user"]).split(":")[0] == IMAGE_UID, f"{name} runs as {service.get('user')}"

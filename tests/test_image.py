@@ -399,7 +399,8 @@ def test_compose_mlflow_serves_on_loopback_and_records_a_run_trained_in_the_cont
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     spec = yaml.safe_load(COMPOSE.read_text())
     spec.pop("name")
-    spec["services"]["seg3d"].pop("deploy")
+    for service in ("seg3d", "serve"):
+        spec["services"][service].pop("deploy")
     derived = tmp_path / "compose.yaml"
     derived.write_text(yaml.safe_dump(spec, sort_keys=False))
     data = tmp_path / "data"

@@ -179,7 +179,12 @@ def work_loop(
     """Segment queued series, oldest first, until `stop` is set. A series that fails goes to failed/ with its
     reason and one log line; the loop goes on with the others."""
     while not stop.is_set():
-        jobs = spool.jobs("series")
+        try:
+            jobs = spool.jobs("series")
+        except OSError as err:  # the spool's file system went away for a moment: say so, keep the node up
+            log.error("cannot list the spool's queue (%s); trying again in 5 s", err.strerror or err)
+            stop.wait(5.0)
+            continue
         if not jobs:
             wake.wait(1.0)
             wake.clear()

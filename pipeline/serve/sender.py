@@ -100,7 +100,12 @@ class Sender(threading.Thread):
     def run(self) -> None:
         backoff = BACKOFF_S[0]
         while not self.stopping.is_set():
-            jobs = self.spool.jobs("outbox")
+            try:
+                jobs = self.spool.jobs("outbox")
+            except OSError as err:
+                log.error("cannot list the spool's outbox (%s); trying again in 5 s", err.strerror or err)
+                self.stopping.wait(5.0)
+                continue
             if not jobs:
                 self.wake.wait(1.0)
                 self.wake.clear()

@@ -185,6 +185,11 @@ class Orthanc:
         found = self.request("GET", "/series?expand")
         return [s for s in found if modality is None or s["MainDicomTags"].get("Modality") == modality]
 
+    def series_of(self, series_uid: str) -> dict:
+        """The series (as GET /series/{id} answers) whose Series Instance UID is `series_uid`."""
+        (match,) = self.request("POST", "/tools/lookup", data=series_uid)
+        return self.request("GET", f"/series/{match['ID']}")
+
     def instances(self, series_id: str) -> list[str]:
         """The Orthanc IDs of the instances of a series."""
         return list(self.request("GET", f"/series/{series_id}")["Instances"])

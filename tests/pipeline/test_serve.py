@@ -6,6 +6,8 @@ points (pipeline/faults.py) and started again on the same spool; Orthanc is stop
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -41,11 +43,10 @@ def _node(pacs: Orthanc, bundle: Path, spool: Path, name: str, **kwargs) -> Serv
 
 @pytest.fixture(scope="module")
 def node(pacs, bundle_dir, tmp_path_factory):
-    """One node for the tests that do not kill it, with /health and /metrics on."""
+    """One node for the tests that do not kill it, with /health and /metrics on, sending an RTSTRUCT too."""
     health = free_port()
-    node = _node(
-        pacs, bundle_dir, tmp_path_factory.mktemp("node") / "spool", "seg3d", extra=("--health-port", str(health))
-    )
+    spool = tmp_path_factory.mktemp("node") / "spool"
+    node = _node(pacs, bundle_dir, spool, "seg3d", extra=("--health-port", str(health), "--rtstruct"))
     node.health = health
     node.start()
     yield node
@@ -119,7 +120,9 @@ def test_a_phantom_and_the_real_series_pushed_in_one_association_come_back_as_se
         seg, source = _seg_file(pacs, sop), pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
         assert seg.StudyInstanceUID == source.StudyInstanceUID
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
-        assert f"series {case_key(uid)}: sent 1 object(s)" in node.log()
+        assert f"series {case_key(uid)}: sent 2 object(s)" in node.log()  # the SEG and the RTSTRUCT
+        study = pacs.series_of(uid)["ParentStudy"]
+        assert len([s for s in pacs.series("RTSTRUCT") if s["ParentStudy"] == study]) == 1
     # The log names series by their key only: no patient name or id of the series it handled.
     for name in ("DOE^JANE", "PID-987654321", str(pydicom.dcmread(next(real.iterdir())).PatientName or "@@")):
         assert name not in node.log()
@@ -181,11 +184,18 @@ def test_refused_callers_non_ct_and_corrupt_series_are_logged_by_key_and_the_nod
     assert "failed, nothing sent: incomplete series: an instance was refused: pixel data of 100 bytes" in node.log()
     assert any(p.name.startswith(key) for p in (node.spool / "failed").iterdir())
 
+    # A series with a slice missing in the middle: every instance stored, the series fails to read as a volume.
+    gap = tmp_path / "gap"
+    gap_uid = write_ct_series(gap, phantom_hu(shape=(48, 44, 8), seed=23), gap_after=3)["series"]
+    assert scu_store(sorted(gap.iterdir()), node.port) == [0] * 8
+    node.wait_log(f"series {case_key(gap_uid)} (")
+    assert "uneven slice gaps" in node.log()
+
     # Still serving: a good series pushed after all that comes back.
     good_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     pacs.push(pacs.upload(good), "seg3d")
     _wait_segs(pacs, good_uid)
-    assert not _segs_for(pacs, mr_uid) and not _segs_for(pacs, corrupt_uid)
+    assert not _segs_for(pacs, mr_uid) and not _segs_for(pacs, corrupt_uid) and not _segs_for(pacs, gap_uid)
 
 
 def test_a_burst_of_ten_series_is_all_sent_and_health_and_metrics_tell(pacs, node, tmp_path):
@@ -206,6 +216,71 @@ def test_a_burst_of_ten_series_is_all_sent_and_health_and_metrics_tell(pacs, nod
 
 
 # -- faults: every acknowledged series ends with exactly one SEG in the PACS ----------------------------------------
+
+
+def test_a_full_spool_refuses_instances_with_out_of_resources_and_serves_again_once_space_is_free(
+    pacs, bundle_dir, tmp_path
+):
+    spool = tmp_path / "small"
+    spool.mkdir()
+    # 64 MiB: what inference needs free besides (seg3d infer asks for 16 MiB of margin), filled up below.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(spool)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs for the spool here (needs root); the full-disk case is not run")
+    node = _node(pacs, bundle_dir, spool / "spool", "full-disk")
+    node.log_path = tmp_path / "node.log"
+    try:
+        node.start()
+        filler = spool / "filler"
+        with open(filler, "wb") as f:  # whatever else fills the disk, to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        series = tmp_path / "series"
+        uid = _phantom(series, seed=40, slices=6)
+        assert set(scu_store(sorted(series.iterdir()), node.port)) == {0xA700}  # out of resources: nothing taken
+        node.wait_log(f"series {case_key(uid)}: cannot store an instance (No space left on device)")
+        filler.unlink()  # space again: the same node takes the series and sends its SEG
+        pacs.push(pacs.upload(series), "full-disk")
+        _wait_segs(pacs, uid)
+    finally:
+        node.stop()
+        subprocess.run(["umount", "-l", str(spool)], capture_output=True)
+
+
+def test_bad_arguments_are_one_line_and_exit_2(bundle_dir, tmp_path, capsys):
+    from pipeline.cli import main
+
+    base = ["serve", "--model", str(bundle_dir), "--spool", str(tmp_path / "spool"), "--health-port", "0"]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = [
+        (["--send-to", "ORTHANC@pacs"], "--send-to 'ORTHANC@pacs' is not AET@HOST:PORT"),
+        (["--send-to", "A@h:1", "--ae-title", "MUCH-TOO-LONG-AE-TITLE"], "--ae-title 'MUCH-TOO-LONG-AE-TITLE' is not"),
+        (["--send-to", "A@h:1", "--allow", "BAD\\AE"], "is not an AE title"),
+        (["--send-to", "A@h:1", "--quiet-time", "0"], "--quiet-time 0.0 must be in (0, 3600]"),
+        (["--send-to", "A@h:1", "--port", "70000"], "--port 70000 is not a TCP port"),
+        (["--send-to", "A@h:1", "--host", "127.0.0.1", "--port", str(taken.getsockname()[1])], "cannot listen on"),
+    ]
+    try:
+        for extra, message in cases:
+            assert main([*base, *extra]) == 2, extra
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("seg3d serve: error: ") and message in err[-1], (extra, err)
+            assert "Traceback" not in "\n".join(err)
+    finally:
+        taken.close()
+    (tmp_path / "file").write_text("not a folder")
+    in_a_file = str(tmp_path / "file" / "spool")
+    assert main(["serve", "--model", str(bundle_dir), "--spool", in_a_file, "--send-to", "A@h:1"]) == 2
+    assert "seg3d serve: error: --spool" in capsys.readouterr().err
+    assert (
+        main(["serve", "--model", str(tmp_path / "nope"), "--spool", str(tmp_path / "s2"), "--send-to", "A@h:1"]) == 2
+    )
+    assert f"model {tmp_path / 'nope'} not found" in capsys.readouterr().err
 
 
 def _fault_case(pacs, bundle_dir, tmp_path, name: str, fault: str, seed: int, env=None):

@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.inference
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.startup --write
+	$(PY) -m benchmarks.serve --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -453,3 +453,45 @@ def test_compose_mlflow_serves_on_loopback_and_records_a_run_trained_in_the_cont
         assert load_bundle(downloaded).metadata["model"] == "attention_unet"
     finally:
         _run([*base, "down", "--volumes", "--timeout", "5"], env=env)
+
+
+# -- seg3d serve in the container: a DICOM node for a real PACS -------------------------------------------------------
+
+
+def test_serve_in_the_container_takes_a_series_from_orthanc_and_sends_its_seg_back(image, tmp_path):
+    """docker/README.md section 8's `docker run`: read-only, UID 10001, the spool a named volume, the DICOM port
+    published on loopback; Orthanc (on the host) pushes a CT series to it and gets its DICOM SEG back, which it
+    reaches through Docker's bridge gateway."""
+    from tests.pipeline._ct_series import phantom_hu, write_ct_series
+    from tests.pipeline._orthanc import Orthanc, orthanc_binary
+
+    orthanc_binary()
+    inspect = _run([image.docker, "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"])
+    gateway = inspect.stdout.strip()
+    assert inspect.returncode == 0 and gateway, inspect.stderr
+    port, name = free_port(), f"seg3d-imagetest-serve-{uuid.uuid4().hex[:8]}"
+    spool = f"{name}-spool"
+    series = tmp_path / "series"
+    uid = write_ct_series(series, phantom_hu(shape=(48, 44, 10), seed=7))["series"]
+    with Orthanc(tmp_path / "pacs", modalities={"seg3d": ("SEG3D", "127.0.0.1", port)}) as pacs:
+        run = [image.docker, "run", "-d", "--name", name, "--user", f"{UID}:{UID}", "--read-only", "--tmpfs", "/tmp",
+               "-v", f"{image.cache}:/cache", "-v", f"{spool}:/spool", "-p", f"127.0.0.1:{port}:11112", image.tag,
+               "serve", "--model", "/opt/seg3d/model", "--spool", "/spool", "--allow", "ORTHANC", "--quiet-time", "2",
+               "--send-to", f"ORTHANC@{gateway}:{pacs.dicom_port}"]  # fmt: skip
+        try:
+            started = _run(run)
+            assert started.returncode == 0, started.stderr
+            deadline = time.monotonic() + 180
+            while "listening on" not in (logs := _run([image.docker, "logs", name]).stderr):
+                assert time.monotonic() < deadline, logs[-2000:]
+                time.sleep(1)
+            pacs.push(pacs.upload(series), "seg3d")
+            segs = pacs.wait_for(lambda: pacs.series("SEG"), 180, "the SEG from the container")
+            tags = pacs.tags(segs[0]["Instances"][0])
+            assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == uid
+            health = _run([image.docker, "exec", name, "python", "-c", "import urllib.request; print(urllib.request"
+                           ".urlopen('http://127.0.0.1:11113/health', timeout=5).read().decode())"])  # fmt: skip
+            assert json.loads(health.stdout)["status"] == "ok", health.stderr
+        finally:
+            _run([image.docker, "rm", "-f", name])
+            _run([image.docker, "volume", "rm", "-f", spool])

@@ -166,10 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnxruntime"),
+        choices=("auto", "torch", "onnxruntime", "openvino"),
         default="torch",
-        help="the engine that runs the network on the CPU; auto: the fastest that matches PyTorch, measured once per"
-        " machine and model and cached (SEG3D_CACHE, else ~/.cache/seg3d)",
+        help="the engine that runs the network on the CPU (PyTorch, ONNX Runtime or OpenVINO, the last two on an ONNX"
+        " export of it); auto: the fastest that matches PyTorch, measured once per machine and model and cached"
+        " (SEG3D_CACHE, else ~/.cache/seg3d)",
     )
     p.add_argument("--tta", action="store_true", help="average over all 8 mirrorings (8x slower)")
     p.add_argument("--no-postprocess", action="store_true", help="keep every connected component")
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ models")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="torch")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "openvino"), default="torch")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

@@ -1,14 +1,17 @@
 """The engine that runs the bundle's network inside the sliding window: PyTorch itself, or the same network exported
-to ONNX and run by ONNX Runtime's CPU provider. Only the network call differs; windows, blending, inversion and
-post-processing are the Predictor's, whatever the engine.
+to ONNX and run by ONNX Runtime's CPU provider or by OpenVINO's CPU runtime (Intel's inference engine; bf16 on CPUs
+with AMX or AVX512-BF16 where the Predictor runs bf16, else fp32). Only the network call differs; windows, blending,
+inversion and post-processing are the Predictor's, whatever the engine.
 
 `auto` measures every engine once per machine and bundle on a few windows and keeps the fastest one that reproduces
-PyTorch's fp32 probabilities within TOLERANCE. The choice, the timings and the check are cached as JSON in the
-engine cache folder (SEG3D_CACHE, else $XDG_CACHE_HOME/seg3d, else ~/.cache/seg3d), keyed by the network's weights,
-the patch, the batch, the engine versions, the CPU and the thread count: a changed bundle, a new onnxruntime or
-another machine measures again, and the next case costs nothing. The exported ONNX file is cached the same way.
-Nothing is ever written beside the bundle (inference leaves its inputs alone); a cache folder that cannot be
-written falls back to a temporary one, said in one line.
+PyTorch's fp32 probabilities within TOLERANCE, or, where the Predictor runs in bf16, no further from them than twice
+PyTorch's own bf16 (the rounding the user asked for, not an engine's error). The choice, the timings and the check
+are cached as JSON in the engine cache folder (SEG3D_CACHE, else $XDG_CACHE_HOME/seg3d, else ~/.cache/seg3d), keyed
+by the network's weights, the patch, the batch, the engine versions, the CPU, the thread count and the precision: a
+changed bundle, a new engine release or another machine measures again, and the next case costs nothing. The
+exported ONNX file is cached the same way (and OpenVINO's compiled blobs beside it). Nothing is ever written beside
+the bundle (inference leaves its inputs alone); a cache folder that cannot be written falls back to a temporary one,
+said in one line.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import Seg3dError
+from pipeline.errors import Seg3dError, one_line
 from pipeline.fileio import atomic_write_text, sha256_file
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "onnxruntime", "openvino")
 CHOICES = ("auto", *ENGINES)
 TOLERANCE = 1e-3  # max |difference| of the softmax probabilities against fp32 PyTorch on the check windows
 CHECK_WINDOWS = 3  # batches timed per engine (after one warm-up batch)
@@ -50,8 +54,9 @@ def check_engine(name: str) -> str:
 
 def _versions() -> dict[str, str]:
     import onnxruntime
+    import openvino
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}
 
 
 def _cpu() -> str:
@@ -108,9 +113,42 @@ class OnnxNetwork(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input: array})[0])
 
 
-def onnx_network(model: nn.Module, patch: tuple[int, int, int], batch: int, cache: Path | None = None) -> OnnxNetwork:
+class OpenVinoNetwork(nn.Module):
+    """The network as OpenVINO's CPU runtime runs it, compiled for a static batch of `batch` windows (a shorter last
+    batch is padded) at `precision` ("f32" or "bf16"); compiled blobs are cached in `cache_dir`."""
+
+    def __init__(self, path: Path, *, batch: int, precision: str, threads: int, cache_dir: Path):
+        super().__init__()
+        import openvino as ov
+
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+        model = core.read_model(str(path))
+        declared = model.input(0).get_partial_shape()  # (batch: dynamic, channels, *patch)
+        shape = [batch, *(declared[i].get_length() for i in range(1, declared.rank.get_length()))]
+        model.reshape({model.input(0): ov.PartialShape(shape)})
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output(0)
+        self.batch, self.precision = batch, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        if n < self.batch:  # the sliding window's last batch
+            array = np.concatenate([array, np.zeros((self.batch - n, *array.shape[1:]), array.dtype)])
+        out = self.request.infer({0: array})[self.output]
+        return torch.from_numpy(np.array(out[:n], dtype=np.float32, copy=True))
+
+
+def export_onnx(model: nn.Module, patch: tuple[int, int, int], batch: int, cache: Path | None = None) -> Path:
     """`model` exported to ONNX once per key (pipeline.export checks the file against PyTorch before it is kept) in
-    `cache` (default: cache_folder())."""
+    `cache` (default: cache_folder()); both ONNX Runtime and OpenVINO run that file."""
     from pipeline.export import export_network
 
     folder = (cache or cache_folder()) / network_key(model, patch, batch)
@@ -118,7 +156,25 @@ def onnx_network(model: nn.Module, patch: tuple[int, int, int], batch: int, cach
     if not _intact(path):  # missing, or not the file its export checked: exported (again)
         folder.mkdir(parents=True, exist_ok=True)
         export_network(model, path, fmt="onnx", name=type(model).__name__, patch=patch, overwrite=True)
-    return OnnxNetwork(path, threads=torch.get_num_threads())
+    return path
+
+
+def onnx_network(model: nn.Module, patch: tuple[int, int, int], batch: int, cache: Path | None = None) -> OnnxNetwork:
+    return OnnxNetwork(export_onnx(model, patch, batch, cache), threads=torch.get_num_threads())
+
+
+def engine_network(name: str, onnx: Path, batch: int, dtype: torch.dtype) -> nn.Module:
+    """The exported network `onnx` as engine `name` (not "torch") runs it: OpenVINO in bf16 where the Predictor runs
+    bf16 (AMX or AVX512-BF16 CPUs), else in fp32. Seg3dError where the engine cannot compile it (the caller runs the
+    network in PyTorch instead, with one line)."""
+    threads = torch.get_num_threads()
+    if name == "onnxruntime":
+        return OnnxNetwork(onnx, threads=threads)
+    precision = "bf16" if dtype == torch.bfloat16 else "f32"
+    try:
+        return OpenVinoNetwork(onnx, batch=batch, precision=precision, threads=threads, cache_dir=onnx.parent / "ov")
+    except RuntimeError as err:  # OpenVINO's own: an operation its CPU plugin lacks
+        raise Seg3dError(f"OpenVINO cannot compile the network ({one_line(err, 200)})") from None
 
 
 def _intact(path: Path) -> bool:
@@ -165,12 +221,14 @@ def choose_engine(
     in_channels: int = 1,
     cache: Path | None = None,
     notes: Callable[[str], None] | None = None,
+    precision: str = "float32",
 ) -> EngineChoice:
     """The fastest of `candidates` (engine -> network, "torch" among them: PyTorch as the Predictor runs it, its
     precision and layout, always eligible) whose probabilities match fp32 PyTorch (`model` without autocast) within
-    TOLERANCE, measured on CHECK_WINDOWS batches of windows (fixed seed), or read from the cache."""
+    TOLERANCE, or within twice PyTorch's own difference where that is larger (bf16), measured on CHECK_WINDOWS
+    batches of windows (fixed seed), or read from the cache. `precision`, the Predictor's, is part of the cache key."""
     key = network_key(model, patch, batch)
-    record = (cache or cache_folder(notes)) / f"{key}.json"
+    record = (cache or cache_folder(notes)) / f"{key}-{precision}.json"
     if record.exists():
         try:
             cached = EngineChoice(**{**json.loads(record.read_text()), "cached": True})
@@ -182,10 +240,11 @@ def choose_engine(
     windows = [torch.randn(batch, in_channels, *patch, generator=generator) for _ in range(CHECK_WINDOWS)]
     reference = _probabilities(model.eval(), windows[0])
     ms, difference, rejected = {}, {}, {}
-    for name, network in candidates.items():
+    for name, network in {"torch": candidates["torch"], **candidates}.items():
         difference[name] = float((_probabilities(network, windows[0]) - reference).abs().max())
-        if name != "torch" and difference[name] > TOLERANCE:
-            rejected[name] = f"probabilities differ from PyTorch's by {difference[name]:.2g} (> {TOLERANCE:g})"
+        limit = max(TOLERANCE, 2 * difference["torch"])  # PyTorch at the Predictor's precision sets the bar
+        if name != "torch" and difference[name] > limit:
+            rejected[name] = f"probabilities differ from PyTorch's by {difference[name]:.2g} (> {limit:.2g})"
             continue
         ms[name] = round(_best_ms(network, windows), 2)
     choice = EngineChoice(min(ms, key=ms.get), ms, difference, rejected, key)

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from attention3d.fusion import fold_batch_norms
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.devices import autocast, resolve_precision
-from pipeline.engines import cache_folder, check_engine, choose_engine, describe, onnx_network
+from pipeline.engines import ENGINES, cache_folder, check_engine, choose_engine, describe, engine_network, export_onnx
 from pipeline.errors import Seg3dError
 from pipeline.grid import Grid, argmax_classes, labels_in_grid, resample_to_grid
 from pipeline.imageio import SourceFile, Volume, read_volume
@@ -115,33 +115,42 @@ class Predictor:
         self.patch_size = tuple(patch_size)
         self.engine: nn.Module | None = None  # the network a non-PyTorch engine runs; None: PyTorch's own
         self.engine_name = check_engine(backend)
+        self.dtype = resolve_precision(precision, self.device)
+        built: dict[str, nn.Module] = {}
         if backend != "torch":
             if self.device.type != "cpu":
                 raise Seg3dError(f"--backend {backend} runs on the CPU; on {self.device.type} use --backend torch")
             cache = cache_folder(notes)  # found (or replaced by a temporary one, said once) before any export
+            batch = inference.sw_batch_size
             try:
-                self.engine = onnx_network(self.model, self.patch_size, inference.sw_batch_size, cache)
-            except Seg3dError as err:  # a layer the exporter cannot handle: PyTorch runs it, said in one line
+                onnx = export_onnx(self.model, self.patch_size, batch, cache)  # once, for every engine
+                for name in ENGINES[1:] if backend == "auto" else (backend,):
+                    built[name] = engine_network(name, onnx, batch, self.dtype)
+            except Seg3dError as err:  # a layer the exporter or an engine cannot take: said in one line
                 if notes:
                     notes(f"backend {backend}: {err}; running the network in PyTorch")
-                backend = self.engine_name = "torch"
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.pre = pre
-        self.dtype = resolve_precision(precision, self.device)
         if backend == "auto":
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
-            candidates = {"torch": timed, "onnxruntime": self.engine}
             choice = choose_engine(
-                self.model, candidates, self.patch_size, inference.sw_batch_size, cache=cache, notes=notes
+                self.model,
+                {"torch": timed, **built},
+                self.patch_size,
+                inference.sw_batch_size,
+                cache=cache,
+                notes=notes,
+                precision=str(self.dtype).removeprefix("torch."),
             )
             if notes:
                 notes(describe(choice))
-            self.engine_name = choice.engine
-            self.engine = self.engine if choice.engine == "onnxruntime" else None
-        if self.engine is not None:
-            self.dtype = torch.float32  # the exported network runs in fp32 (gate maps from PyTorch then too)
+            backend = choice.engine
+        self.engine = built.get(backend)
+        self.engine_name = backend if self.engine is not None else "torch"
+        if self.engine_name == "onnxruntime":
+            self.dtype = torch.float32  # ONNX Runtime runs the exported network in fp32 (gate maps then too)
         self.postprocessing = postprocessing
         self.inference = inference
         self.tta = tta

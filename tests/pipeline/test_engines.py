@@ -39,24 +39,44 @@ def _predictor(bundle_dir: Path, backend: str, notes=None) -> Predictor:
     return Predictor.from_bundle(load_bundle(bundle_dir), precision="fp32", backend=backend, notes=notes)
 
 
-def test_onnxruntime_gives_pytorchs_probabilities_and_mask_on_the_real_ct(bundle_dir, real_ct):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_each_engine_gives_pytorchs_probabilities_and_mask_on_the_real_ct(bundle_dir, real_ct, engine):
     ct = real_ct / "ct_small.nii.gz"
-    out = {b: _predictor(bundle_dir, b).predict_file(ct, probabilities=True) for b in ("torch", "onnxruntime")}
-    assert float(np.abs(out["onnxruntime"].probabilities - out["torch"].probabilities).max()) <= engines.TOLERANCE
-    np.testing.assert_array_equal(out["onnxruntime"].labels, out["torch"].labels)
+    out = {b: _predictor(bundle_dir, b).predict_file(ct, probabilities=True) for b in ("torch", engine)}
+    assert float(np.abs(out[engine].probabilities - out["torch"].probabilities).max()) <= engines.TOLERANCE
+    np.testing.assert_array_equal(out[engine].labels, out["torch"].labels)
     assert out["torch"].labels.shape == nib.load(ct).shape
     assert len(np.unique(out["torch"].labels)) > 1, "a constant mask would agree trivially"
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    both = (a > 0).sum() + (b > 0).sum()
+    return 1.0 if both == 0 else 2 * float(((a > 0) & (b > 0) & (a == b)).sum()) / both
+
+
+def test_openvino_in_bf16_keeps_the_mask_within_dice_0_005_of_fp32_pytorch(bundle_dir, real_ct):
+    """bf16 where the CPU has it (AMX, AVX512-BF16): the engine rounds as PyTorch's bf16 does, the mask stays."""
+    from pipeline.devices import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AMX or AVX512-BF16): OpenVINO would run fp32, tested above")
+    ct = real_ct / "ct_small.nii.gz"
+    reference = _predictor(bundle_dir, "torch").predict_file(ct).labels
+    bf16 = Predictor.from_bundle(load_bundle(bundle_dir), precision="bf16", backend="openvino")
+    assert bf16.engine.precision == "bf16" and bf16.dtype == torch.bfloat16
+    assert _dice(bf16.predict_file(ct).labels, reference) >= 0.995
 
 
 def test_auto_measures_once_then_reads_its_cache(bundle_dir, cache):
     said: list[str] = []
     first = _predictor(bundle_dir, "auto", said.append)
-    assert first.engine_name in ("torch", "onnxruntime")
+    assert first.engine_name in engines.ENGINES
     assert said and said[-1].startswith(f"backend auto: {first.engine_name} (measured")
     records = list((cache / "engines").glob("*.json"))
-    (record,) = [r for r in records if json.loads(r.read_text()).get("key") == r.stem]
+    (record,) = [r for r in records if r.stem == f"{json.loads(r.read_text()).get('key')}-float32"]
     saved = json.loads(record.read_text())
-    assert set(saved["ms_per_batch"]) == {"torch", "onnxruntime"} and saved["max_difference"]["onnxruntime"] <= 1e-3
+    assert set(saved["ms_per_batch"]) == {"torch", "onnxruntime", "openvino"}
+    assert max(saved["max_difference"].values()) <= 1e-3
 
     said.clear()
     second = _predictor(bundle_dir, "auto", said.append)
@@ -89,8 +109,10 @@ def test_the_key_changes_with_the_weights_the_engine_versions_and_the_threads(mo
     key = network_key(model, (16, 16, 8), 2)
     assert network_key(model, (16, 16, 8), 2) == key
     assert network_key(model, (16, 16, 16), 2) != key and network_key(model, (16, 16, 8), 4) != key
-    monkeypatch.setattr(engines, "_versions", lambda: {"torch": torch.__version__, "onnxruntime": "0.0.0"})
-    assert network_key(model, (16, 16, 8), 2) != key
+    real = engines._versions
+    for engine in ("onnxruntime", "openvino"):
+        monkeypatch.setattr(engines, "_versions", lambda e=engine: {**real(), e: "0.0.0"})
+        assert network_key(model, (16, 16, 8), 2) != key
     monkeypatch.undo()
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
@@ -127,7 +149,8 @@ class _Stateful(nn.Module):
         return self.conv(x) * self.calls
 
 
-def test_a_network_the_exporter_cannot_take_runs_in_pytorch_with_one_line():
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino", "auto"])
+def test_a_network_the_exporter_cannot_take_runs_in_pytorch_with_one_line(engine):
     from pipeline.config import InferenceConfig
     from tests.pipeline.conftest import PRE
 
@@ -137,30 +160,30 @@ def test_a_network_the_exporter_cannot_take_runs_in_pytorch_with_one_line():
         PRE,
         patch_size=(16, 16, 8),
         inference=InferenceConfig(),
-        backend="onnxruntime",
+        backend=engine,
         notes=said.append,
     )
     assert predictor.engine is None and predictor.engine_name == "torch"
-    assert (
-        len(said) == 1 and said[0].startswith("backend onnxruntime: ") and "running the network in PyTorch" in said[0]
-    )
+    assert said[0].startswith(f"backend {engine}: ") and "running the network in PyTorch" in said[0]
+    assert len(said) == (2 if engine == "auto" else 1)  # auto then says its choice: torch, the one left
     probabilities, _ = predictor.predict_probabilities(torch.randn(1, 1, 20, 18, 10))
     assert probabilities.shape == (1, 3, 20, 18, 10)
 
 
-def test_seg3d_infer_backend_onnxruntime_writes_the_mask_pytorch_writes(bundle_dir, real_ct, cache, tmp_path):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_seg3d_infer_backend_writes_the_mask_pytorch_writes(bundle_dir, real_ct, cache, tmp_path, engine):
     ct = real_ct / "ct_small.nii.gz"
     out = tmp_path / "ct.nii.gz"
     command = [SEG3D, "infer", "--model", str(bundle_dir), "--input", str(ct), "--output", str(out)]
     done = subprocess.run(
-        [*command, "--precision", "fp32", "--backend", "onnxruntime"],
+        [*command, "--precision", "fp32", "--backend", engine],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "SEG3D_CACHE": str(cache)},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "ct_manifest.json").read_text())["settings"]["engine"] == "onnxruntime"
+    assert json.loads((tmp_path / "ct_manifest.json").read_text())["settings"]["engine"] == engine
     written = nib.load(out)
     np.testing.assert_array_equal(np.asarray(written.dataobj), _predictor(bundle_dir, "torch").predict_file(ct).labels)
     np.testing.assert_allclose(written.affine, nib.load(ct).affine, atol=1e-5)
@@ -175,6 +198,25 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder_with_one_line(bund
     assert predictor.engine is not None and predictor.engine_name == "onnxruntime"
     assert len(said) == 1 and "cannot be written" in said[0] and "using" in said[0]
     said.clear()  # auto exports and records its choice: the cache is looked for, and its trouble said, once
-    assert _predictor(bundle_dir, "auto", said.append).engine_name in ("torch", "onnxruntime")
+    assert _predictor(bundle_dir, "auto", said.append).engine_name in engines.ENGINES
     assert [line for line in said if "cannot be written" in line] == said[:1] and len(said) == 2
     assert blocked.read_text() == "not a folder"
+
+
+def test_in_bf16_an_engine_may_round_as_much_as_twice_pytorchs_own_bf16():
+    """The bar is PyTorch at the Predictor's precision: bf16 rounding is what the user asked for; a larger error
+    is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 3, 3, padding=1)).eval()
+
+    def rounded(scale: float):
+        def network(x: torch.Tensor) -> torch.Tensor:
+            logits = model(x)
+            return logits + scale * torch.sin(1000 * logits)  # a deterministic error of about `scale`
+
+        return network
+
+    candidates = {"torch": rounded(0.01), "openvino": rounded(0.015), "onnxruntime": rounded(0.5)}
+    choice = choose_engine(model, candidates, (16, 16, 8), 2, precision="bfloat16")
+    assert choice.max_difference["torch"] > engines.TOLERANCE  # the bar is PyTorch's, not 1e-3
+    assert "openvino" in choice.ms_per_batch and "onnxruntime" in choice.rejected

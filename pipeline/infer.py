@@ -243,6 +243,12 @@ def run_inference(
                     load_model(folders[0]) if len(folders) == 1 else adhoc_ensemble(folders, [str(m) for m in models])
                 )
             summary.ensemble = len(bundle.members) if isinstance(bundle, Ensemble) else 0
+            if precision == "int8" and summary.ensemble:
+                raise Seg3dError("--precision int8 runs one model; run an ensemble with --precision bf16 or fp32")
+
+            def say(line: str) -> None:
+                tqdm.write(f"seg3d infer: {line}", file=sys.stderr)
+
             predictor = make_predictor(
                 bundle,
                 device=dev,
@@ -251,8 +257,10 @@ def run_inference(
                 postprocess=postprocess,
                 overlap=overlap,
                 backend=backend,
-                notes=lambda line: tqdm.write(f"seg3d infer: {line}", file=sys.stderr),
+                notes=say,
             )
+            if precision == "int8":  # calibrated on the first cases of the run, checked, cached (pipeline/quantize.py)
+                predictor.prepare_int8([(c.case, c.image) for c in todo], notes=say)
             run = _run_info(bundle, predictor, tta=tta, postprocess=postprocess)
             bar = tqdm(todo, desc="infer", unit="case", disable=None if progress is None else not progress)
             for case in bar:
@@ -281,7 +289,7 @@ def _run_info(bundle: Bundle | Ensemble, predictor: Predictor | EnsemblePredicto
     return RunInfo(
         model=model_identity(bundle, model_name(bundle)),
         device=str(first.device),
-        precision=str(first.dtype).removeprefix("torch."),
+        precision="int8" if getattr(first, "int8_backend", None) else str(first.dtype).removeprefix("torch."),
         settings=settings,
     )
 

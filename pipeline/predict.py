@@ -115,25 +115,34 @@ class Predictor:
         self.patch_size = tuple(patch_size)
         self.engine: nn.Module | None = None  # the network a non-PyTorch engine runs; None: PyTorch's own
         self.engine_name = check_engine(backend)
-        self.dtype = resolve_precision(precision, self.device)
+        # int8 (pipeline/quantize.py): an engine runs the quantized network once prepare_int8 has calibrated and
+        # checked it; PyTorch's side (the check's reference, gate maps) runs fp32.
+        self.int8_backend = backend if precision == "int8" else None
+        if self.int8_backend == "torch":
+            raise Seg3dError(
+                "--precision int8 runs on an engine's int8 kernels; add --backend openvino, onnxruntime or auto"
+            )
+        self.dtype = resolve_precision("fp32" if self.int8_backend else precision, self.device)
         built: dict[str, nn.Module] = {}
         if backend != "torch":
             if self.device.type != "cpu":
                 raise Seg3dError(f"--backend {backend} runs on the CPU; on {self.device.type} use --backend torch")
             cache = cache_folder(notes)  # found (or replaced by a temporary one, said once) before any export
-            batch = inference.sw_batch_size
+            self.engine_cache, batch = cache, inference.sw_batch_size
             try:
-                onnx = export_onnx(self.model, self.patch_size, batch, cache)  # once, for every engine
-                for name in ENGINES[1:] if backend == "auto" else (backend,):
+                self.onnx = onnx = export_onnx(self.model, self.patch_size, batch, cache)  # once, for every engine
+                for name in () if self.int8_backend else ENGINES[1:] if backend == "auto" else (backend,):
                     built[name] = engine_network(name, onnx, batch, self.dtype)
             except Seg3dError as err:  # a layer the exporter or an engine cannot take: said in one line
+                if self.int8_backend:
+                    raise Seg3dError(f"--precision int8: {err}; run with --precision bf16 or fp32") from None
                 if notes:
                     notes(f"backend {backend}: {err}; running the network in PyTorch")
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.pre = pre
-        if backend == "auto":
+        if backend == "auto" and not self.int8_backend:
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
             choice = choose_engine(
                 self.model,
@@ -198,7 +207,16 @@ class Predictor:
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.device if need < 0.5 * free else torch.device("cpu")
 
+    def prepare_int8(self, sources: list[tuple[str, Path]], notes: Callable[[str], None] | None = None) -> dict:
+        """With precision="int8": quantize, calibrate and check on `sources` (case, path), or read the cached check
+        (pipeline/quantize.py); the int8 engine then runs the windows."""
+        from pipeline.quantize import prepare_int8
+
+        return prepare_int8(self, sources, notes)
+
     def _network(self, gates: bool) -> _Timed:
+        if self.int8_backend and self.engine is None:
+            raise RuntimeError("precision int8: call prepare_int8 with calibration cases before predicting")
         if self.engine is not None and not gates:
             return _Timed(self.engine, device=self.device, dtype=self.dtype, gates=False, channels_last=False)
         return _Timed(self.model, device=self.device, dtype=self.dtype, gates=gates, channels_last=self.channels_last)

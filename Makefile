@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.startup --write
 	$(PY) -m benchmarks.serve --write
+	$(PY) -m benchmarks.engines --write
+	$(PY) -m benchmarks.variant_engines --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

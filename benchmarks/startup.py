@@ -24,7 +24,7 @@ from benchmarks._report import ROOT, table, write_section
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "ct.nii.gz"
 WORK = ROOT / ".bench" / "startup"
-HEAVY = ("mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn", "highdicom")
+HEAVY = ("mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn", "scipy.signal", "scipy.stats", "highdicom")
 
 # Runs the CLI in-process, then prints which heavy modules it imported: the console script's code path.
 _CLI = """

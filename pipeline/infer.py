@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline import faults
+from pipeline import STARTED, faults
 from pipeline.bundle import Bundle
 from pipeline.case_outputs import (
     BATCH_STATISTICS,
@@ -62,6 +62,9 @@ class InferenceSummary:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # case -> stage -> seconds
     outputs: dict[str, CaseOutputs] = field(default_factory=dict)
     ensemble: int = 0  # members of the ensemble that ran; 0 for a single model
+    # Seconds from the process's start (pipeline.STARTED) to the model ready in its engine: imports, the model's
+    # download and loading, the engine's set-up (an export, a compile, auto's timing, int8's check where not cached).
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 def collect_inputs(source: Path | str, *, series: str | None = None, staging: Path | None = None) -> list[Case]:
@@ -195,6 +198,7 @@ def run_inference(
 ) -> InferenceSummary:
     """`model` given as a list of several is an ad-hoc ensemble of them; `bundle` is the model loaded already.
     `series`: the SeriesInstanceUID to read from a DICOM folder or zip holding several."""
+    imported = time.perf_counter() - STARTED
     output = Path(output)
     models = [model] if isinstance(model, (str, Path)) else list(model)
     # One private folder for the run: a zip's files or the links to a picked series (input/), the downloads (model-i).
@@ -235,6 +239,7 @@ def run_inference(
         summary.skipped = [c.case for c in cases if c not in todo]
         if todo:
             check_output_target(output, single=single, cases=todo, save_probabilities=save_probabilities)
+            summary.startup["imports"] = imported
             if bundle is None:  # each download in a folder of its own: two `models:/` URIs would both write bundle/
                 folders = [
                     resolve_model(str(m), tracking_uri, Path(workdir) / f"model-{i}") for i, m in enumerate(models)
@@ -261,6 +266,7 @@ def run_inference(
             )
             if precision == "int8":  # calibrated on the first cases of the run, checked, cached (pipeline/quantize.py)
                 predictor.prepare_int8([(c.case, c.image) for c in todo], notes=say)
+            summary.startup["model ready"] = time.perf_counter() - STARTED
             run = _run_info(bundle, predictor, tta=tta, postprocess=postprocess)
             bar = tqdm(todo, desc="infer", unit="case", disable=None if progress is None else not progress)
             for case in bar:
@@ -363,4 +369,7 @@ def summarize(summary: InferenceSummary) -> str:
         totals = {s: float(np.sum([t.get(s, 0.0) for t in summary.timings.values()])) for s in stages}
         whole = sum(totals.values()) or 1.0
         line += "\ntime: " + ", ".join(f"{s} {totals[s]:.1f} s ({100 * totals[s] / whole:.0f}%)" for s in stages)
+    if summary.startup:
+        line += "\nstart-up: " + ", ".join(f"{k} at {v:.1f} s" for k, v in summary.startup.items())
+        line += " since the process started"
     return line

@@ -17,8 +17,10 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-# Imported by `import monai` only for MONAI integrations seg3d does not use.
-MONAI_EXTRAS = ("mlflow", "matplotlib", "pandas", "sklearn")
+# Imported by `import monai` only for MONAI integrations seg3d does not use. scipy.signal (and the scipy.stats it
+# pulls in) is there for two transforms seg3d never runs (ultrasound confidence maps, a notch filter): about 0.5 s
+# of every single-case process (docs/benchmarks.md, "startup").
+MONAI_EXTRAS = ("mlflow", "matplotlib", "pandas", "sklearn", "scipy.signal", "scipy.stats")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.synthetic import CaseSpec, make_phantom, to_nifti
 
-HEAVY = ("mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn", "torch", "monai")
+HEAVY = ("mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn", "scipy.signal", "scipy.stats", "torch", "monai")
 PROBE = f"""
 import json, sys
 from pipeline.cli import main
@@ -60,7 +60,7 @@ def test_infer_and_evaluate_on_nifti_import_neither_mlflow_nor_simpleitk(ct_file
     out = tmp_path / "pred.nii.gz"
     infer = _imports(["infer", "--model", str(bundle_dir), "--input", str(ct_file), "--output", str(out)], tmp_path)
     assert {"torch", "monai"} <= infer, "the probe sees what the command imported"
-    assert not infer & {"mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn"}, infer
+    assert not infer & {"mlflow", "SimpleITK", "matplotlib", "pandas", "sklearn", "scipy.signal", "scipy.stats"}, infer
     assert out.is_file()
 
     evaluate = _imports(

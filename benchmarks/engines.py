@@ -47,14 +47,18 @@ def rows_to_run(native_bf16: bool) -> list[tuple[str, str, str]]:
     rows += [("seg3d openvino", "openvino", "fp32")]
     if native_bf16:
         rows += [("seg3d torch", "torch", "bf16"), ("seg3d openvino", "openvino", "bf16")]
-    rows += [("seg3d auto", "auto", "auto"), ("MONAI tutorial", "monai", "fp32")]
+    rows += [
+        ("seg3d openvino", "openvino", "int8"),
+        ("seg3d auto", "auto", "auto"),
+        ("MONAI tutorial", "monai", "fp32"),
+    ]
     if native_bf16:
         rows += [("MONAI tutorial + autocast", "monai", "bf16")]
     return rows
 
 
-def run_row(bundle: Path, weights: Path, backend: str, precision: str, source: Path, out: Path) -> float:
-    """Wall seconds of one whole process."""
+def run_row(bundle: Path, weights: Path, backend: str, precision: str, source: Path, out: Path) -> float | str:
+    """Wall seconds of one whole process, or int8's refusal (its check failed: the line it said)."""
     if backend == "monai":
         cmd = [sys.executable, "-c", MONAI, str(bundle), str(weights), str(source), str(out.parent), precision]
     else:
@@ -64,6 +68,8 @@ def run_row(bundle: Path, weights: Path, backend: str, precision: str, source: P
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
+    if precision == "int8" and done.returncode == 2 and "--precision int8" in done.stderr:
+        return done.stderr.strip().splitlines()[-1].split("error: ", 1)[-1]
     if done.returncode != 0:
         sys.exit(f"{backend} {precision} on {source.name} failed: {done.stderr.strip().splitlines()[-3:]}")
     return wall
@@ -95,6 +101,7 @@ def _timed(fn) -> float:
 def network_rows(bundle_dir: Path, native_bf16: bool, peak_bf16: float, peak_fp32: float) -> tuple[list[dict], float]:
     """ms per batch of windows in each engine (the Predictor's own engine objects), GFLOP/s, share of the peak."""
     from pipeline.bundle import load_bundle
+    from pipeline.engines import engine_network
     from pipeline.predict import Predictor
     from pipeline.summary import forward_flops
 
@@ -115,6 +122,16 @@ def network_rows(bundle_dir: Path, native_bf16: bool, peak_bf16: float, peak_fp3
             rows.append({"engine": backend, "precision": precision, "ms": f"{ms:.0f}", "gflops": f"{speed:.0f}",
                          "peak": f"{100 * speed / peak:.1f}%"})  # fmt: skip
             print(rows[-1], flush=True)
+    int8 = predictor.onnx.with_name("model-int8.onnx")  # quantized by the int8 rows above (pipeline/quantize.py)
+    if int8.is_file():
+        network = engine_network("openvino", int8, batch, torch.float32)
+        with torch.no_grad():
+            network(x)
+            ms = 1000 * min(_timed(lambda: network(x)) for _ in range(5))
+        speed = gflop * 1000 / ms
+        rows.append({"engine": "openvino", "precision": "int8 (convolutions)", "ms": f"{ms:.0f}",
+                     "gflops": f"{speed:.0f}", "peak": f"{100 * speed / peak_bf16:.1f}% (of bf16's)"})  # fmt: skip
+        print(rows[-1], flush=True)
     return rows, gflop / batch
 
 
@@ -158,11 +175,16 @@ def main() -> None:
                 target(i, name).parent.mkdir(exist_ok=True)
                 run_row(bundle, weights, backend, precision, source, target(i, name))
     walls: dict[tuple[int, str], list[float]] = {}
+    refused: dict[tuple[int, str], str] = {}  # int8 where its check failed: the line seg3d infer said
     for _ in range(args.repeats):
         for i, (label, backend, precision) in enumerate(rows):
             for name, source in inputs.items():
                 target(i, name).parent.mkdir(exist_ok=True)
                 wall = run_row(bundle, weights, backend, precision, source, target(i, name))
+                if isinstance(wall, str):
+                    refused[(i, name)] = wall
+                    print(f"{label} {precision} {name}: refused: {wall}", flush=True)
+                    continue
                 walls.setdefault((i, name), []).append(wall)
                 print(f"{label} {precision} {name}: {wall:.1f} s", flush=True)
 
@@ -173,8 +195,11 @@ def main() -> None:
     for i, (label, backend, precision) in enumerate(rows):
         r = {"row": label, "precision": precision}
         for name in inputs:
-            best = min(walls[(i, name)])
             short = "ct" if name.startswith("real") else "ph"
+            if (i, name) in refused:
+                r[f"{short}_wall"] = "refused: " + refused[(i, name)].split("; run with")[0].split(": ", 1)[-1]
+                continue
+            best = min(walls[(i, name)])
             r[f"{short}_wall"] = f"{best:.1f}"
             for p, j in monai.items():
                 r[f"{short}_vs_{p}"] = f"{min(walls[(j, name)]) / best:.2f}x"

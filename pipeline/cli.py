@@ -306,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run MONAI code but no MLflow run: MONAI is imported without its integrations' libraries (MLflow,
-# matplotlib, pandas, scikit-learn), which they would otherwise pay for at start-up (pipeline.startup).
-LEAN_MONAI = frozenset({"infer", "serve", "evaluate", "export", "models", "model-info"})
+# Commands that run MONAI code: MONAI is imported without its integrations' libraries (MLflow, matplotlib, pandas,
+# scikit-learn, scipy.signal), which they would otherwise pay for at start-up (pipeline.startup); seg3d's own tracking
+# and figures import MLflow and matplotlib themselves, normally, when they are used. Training too: every process of
+# a study or a torchrun job pays it.
+LEAN_MONAI = frozenset({"infer", "serve", "evaluate", "export", "models", "model-info", "train", "study", "demo"})
 
 
 class Terminated(KeyboardInterrupt):

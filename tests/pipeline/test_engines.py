@@ -103,17 +103,22 @@ def test_a_damaged_cached_export_is_exported_again(bundle_dir, real_ct, cache):
     torch.testing.assert_close(again.engine(x), predictor.engine(x))
 
 
-def test_the_key_changes_with_the_weights_the_engine_versions_and_the_threads(monkeypatch):
+def test_the_key_changes_with_the_weights_the_engine_versions_the_cpu_and_the_threads(monkeypatch):
     torch.manual_seed(0)
     model = nn.Conv3d(1, 3, 3, padding=1)
     key = network_key(model, (16, 16, 8), 2)
     assert network_key(model, (16, 16, 8), 2) == key
     assert network_key(model, (16, 16, 16), 2) != key and network_key(model, (16, 16, 8), 4) != key
-    real = engines._versions
+    real, real_cpu = engines._versions, engines._cpu()
     for engine in ("onnxruntime", "openvino"):
         monkeypatch.setattr(engines, "_versions", lambda e=engine: {**real(), e: "0.0.0"})
         assert network_key(model, (16, 16, 8), 2) != key
     monkeypatch.undo()
+    monkeypatch.setattr(engines, "_cpu", lambda: "AMD EPYC 9654 (x86_64)")  # the same cache on another machine
+    assert engines._cpu() != real_cpu and network_key(model, (16, 16, 8), 2) != key
+    monkeypatch.undo()
+    changed = nn.Conv3d(1, 3, 3, padding=1)  # another bundle's weights
+    assert network_key(changed, (16, 16, 8), 2) != key
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads > 1 else 2)
     try:

@@ -308,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that run MONAI code: MONAI is imported without its integrations' libraries (MLflow, matplotlib, pandas,
 # scikit-learn, scipy.signal), which they would otherwise pay for at start-up (pipeline.startup); seg3d's own tracking
-# and figures import MLflow and matplotlib themselves, normally, when they are used. Training too: every process of
-# a study or a torchrun job pays it.
-LEAN_MONAI = frozenset({"infer", "serve", "evaluate", "export", "models", "model-info", "train", "study", "demo"})
+# and figures import MLflow and matplotlib themselves, normally, when they are used. `train` does the same itself,
+# once its config has been read (a hostile YAML is refused before torch loads) and only where it trains.
+LEAN_MONAI = frozenset({"infer", "serve", "evaluate", "export", "models", "model-info"})
 
 
 class Terminated(KeyboardInterrupt):

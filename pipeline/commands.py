@@ -66,6 +66,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             max_restarts=0 if args.max_restarts is None else args.max_restarts,
             train_args=[*forwarded, *args.overrides],
         )
+    from pipeline.startup import import_monai_lean
+
+    import_monai_lean()  # every training process, a study's jobs and torchrun's ranks included (pipeline/cli.py)
     from pipeline.train import train  # after the relaunch: the launching process needs none of it
 
     result = train(

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.engines import _intact
 from pipeline.errors import Seg3dError
 from pipeline.fileio import atomic_write, atomic_write_text, sha256_file
 
@@ -98,15 +99,6 @@ def quantize_onnx(onnx: Path, windows: list[np.ndarray]) -> Path:
     atomic_write(output, write, suffix=".onnx")
     atomic_write_text(sidecar_path(output), json.dumps({"sha256": sha256_file(output)}) + "\n")
     return output
-
-
-def _intact(path: Path) -> bool:
-    from pipeline.export import sidecar_path
-
-    try:
-        return json.loads(sidecar_path(path).read_text())["sha256"] == sha256_file(path)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def mask_agreement(reference: torch.Tensor, candidate: torch.Tensor, names: list[str]) -> dict[str, float]:

@@ -36,7 +36,9 @@ from pipeline.fileio import atomic_write_text, sha256_file
 ENGINES = ("torch", "onnxruntime", "openvino")
 CHOICES = ("auto", *ENGINES)
 TOLERANCE = 1e-3  # max |difference| of the softmax probabilities against fp32 PyTorch on the check windows
-CHECK_WINDOWS = 3  # batches timed per engine (after one warm-up batch)
+CHECK_WINDOWS = 3  # batches of windows the check runs; each engine times each of them TIMING_PASSES times
+TIMING_PASSES = 2  # interleaved over the engines, so that a busy moment slows them all, not the one timed then
+STALE_RATIO = 0.75  # a run whose network is this much faster than its measured figure marks the choice stale
 
 
 def cache_root() -> Path:
@@ -202,15 +204,21 @@ def _probabilities(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
         return torch.softmax(network(x).float(), dim=1)
 
 
-def _best_ms(network: Callable[[torch.Tensor], torch.Tensor], windows: list[torch.Tensor]) -> float:
+def _best_ms(networks: dict[str, Callable[[torch.Tensor], torch.Tensor]], windows: list[torch.Tensor]) -> dict:
+    """Best milliseconds per batch for each network, timed interleaved: every batch runs through every network in
+    turn, TIMING_PASSES times, after one warm-up batch each (first-call allocations and kernel choices are not the
+    steady state). A moment of load from elsewhere then slows every engine alike instead of the one timed then."""
+    times: dict[str, list[float]] = {name: [] for name in networks}
     with torch.no_grad():
-        network(windows[0])  # warm-up: first-call allocations and kernel choices are not the steady state
-        times = []
-        for x in windows:
-            start = time.perf_counter()
-            network(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * min(times)
+        for network in networks.values():
+            network(windows[0])
+        for _ in range(TIMING_PASSES):
+            for x in windows:
+                for name, network in networks.items():
+                    start = time.perf_counter()
+                    network(x)
+                    times[name].append(time.perf_counter() - start)
+    return {name: round(1000 * min(seconds), 2) for name, seconds in times.items()}
 
 
 def choose_engine(
@@ -231,22 +239,25 @@ def choose_engine(
     record = (cache or cache_folder(notes)) / f"{key}-{precision}.json"
     if record.exists():
         try:
-            cached = EngineChoice(**{**json.loads(record.read_text()), "cached": True})
-            if cached.engine in candidates:
+            saved = json.loads(record.read_text())
+            stale = saved.pop("stale", False)  # a run found the network faster than measured: measure again
+            cached = EngineChoice(**{**saved, "cached": True})
+            if cached.engine in candidates and not stale:
                 return cached
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):
             pass  # a damaged record is measured again and replaced
     generator = torch.Generator().manual_seed(0)
     windows = [torch.randn(batch, in_channels, *patch, generator=generator) for _ in range(CHECK_WINDOWS)]
     reference = _probabilities(model.eval(), windows[0])
-    ms, difference, rejected = {}, {}, {}
+    eligible, difference, rejected = {}, {}, {}
     for name, network in {"torch": candidates["torch"], **candidates}.items():
         difference[name] = float((_probabilities(network, windows[0]) - reference).abs().max())
         limit = max(TOLERANCE, 2 * difference["torch"])  # PyTorch at the Predictor's precision sets the bar
         if name != "torch" and difference[name] > limit:
             rejected[name] = f"probabilities differ from PyTorch's by {difference[name]:.2g} (> {limit:.2g})"
             continue
-        ms[name] = round(_best_ms(network, windows), 2)
+        eligible[name] = network
+    ms = _best_ms(eligible, windows)
     choice = EngineChoice(min(ms, key=ms.get), ms, difference, rejected, key)
     fields = asdict(choice)
     fields.pop("cached")
@@ -256,6 +267,34 @@ def choose_engine(
         if notes:
             notes(f"engine choice not cached ({err.strerror or err}); the next run measures again")
     return choice
+
+
+def choice_record(choice: EngineChoice, precision: str, cache: Path) -> Path:
+    return cache / f"{choice.key}-{precision}.json"
+
+
+def confirm_choice(
+    choice: EngineChoice, ms_per_batch: float, record: Path, notes: Callable[[str], None] | None = None
+) -> bool:
+    """After a run: where the chosen engine ran its batches faster than STALE_RATIO times the figure it was chosen
+    by, that figure was taken while something else loaded the machine (and so maybe every other engine's too): the
+    cached choice is marked stale, said in one line, and the next run measures again. True when it was marked."""
+    measured = choice.ms_per_batch.get(choice.engine)
+    if not measured or ms_per_batch >= STALE_RATIO * measured:
+        return False
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("key") != choice.key or saved.get("engine") != choice.engine:
+            return False  # replaced meanwhile (another process measured again)
+        atomic_write_text(record, json.dumps({**saved, "stale": True}, indent=2) + "\n")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if notes:
+        notes(
+            f"backend auto: {choice.engine} ran its batches in {ms_per_batch:.0f} ms, not the {measured:.0f} ms it was"
+            " chosen by (measured on a busy machine?): the next run measures the engines again"
+        )
+    return True
 
 
 def describe(choice: EngineChoice) -> str:

@@ -27,7 +27,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from attention3d.fusion import fold_batch_norms
 from pipeline.config import InferenceConfig, PostprocessConfig
 from pipeline.devices import autocast, resolve_precision
-from pipeline.engines import ENGINES, cache_folder, check_engine, choose_engine, describe, engine_network, export_onnx
+from pipeline.engines import (
+    ENGINES,
+    cache_folder,
+    check_engine,
+    choice_record,
+    choose_engine,
+    confirm_choice,
+    describe,
+    engine_network,
+    export_onnx,
+)
 from pipeline.errors import Seg3dError
 from pipeline.grid import Grid, argmax_classes, labels_in_grid, resample_to_grid
 from pipeline.imageio import SourceFile, Volume, read_volume
@@ -58,6 +68,7 @@ class _Timed(nn.Module):
         self.model, self.device, self.dtype, self.gates = model, device, dtype, gates
         self.channels_last = channels_last
         self.seconds = 0.0
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -74,7 +85,32 @@ class _Timed(nn.Module):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - start
+        self.calls += 1
         return out
+
+
+def keep_stem_in_fp32(model: nn.Module) -> nn.Module | None:
+    """Run the network's first convolution (the one the image meets) outside autocast, in fp32: in bf16 the
+    intensities themselves would be rounded to 8 bits of mantissa before the first sum, which on the real CT moved
+    the pancreas mask to Dice 0.9922 of fp32's; with the stem in fp32 the masks were equal (Dice 1.0000) and the
+    time the same (docs/benchmarks.md, "engines"). The stem has one input channel: its cost is small. Only on a
+    model that is not trained further: the stem's class becomes a subclass whose forward does this (weights, keys
+    and copies stay as they are). Returns the stem (None for a network without convolutions)."""
+    stem = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if stem is not None and not getattr(stem, "_fp32_stem", False):
+        cls = type(stem)
+        if cls not in _FP32_STEMS:
+            _FP32_STEMS[cls] = type(f"Fp32{cls.__name__}", (cls,), {"forward": _fp32_forward, "_fp32_stem": True})
+        stem.__class__ = _FP32_STEMS[cls]
+    return stem
+
+
+def _fp32_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return super(type(self), self).forward(x.float())
+
+
+_FP32_STEMS: dict[type, type] = {}
 
 
 class Predictor:
@@ -95,6 +131,7 @@ class Predictor:
         channels_last: bool = False,
         fold_norms: bool = False,
         backend: str = "torch",
+        fp32_stem: bool = False,
         notes: Callable[[str], None] | None = None,
     ):
         """`channels_last` converts the model's weights in place (NDHWC), the layout oneDNN's 3D convolutions on CPU
@@ -103,6 +140,8 @@ class Predictor:
         same function, one pass less over every feature map); the given model is left as it is.
         `backend` (pipeline/engines.py): the engine that runs the network's windows on the CPU; `auto` measures
         and says its choice to `notes`. Gate maps (`gates=True`) always come from PyTorch.
+        `fp32_stem`: in bf16 or fp16, the first convolution runs in fp32 (keep_stem_in_fp32); only for a model that
+        is not trained further.
         `postprocessing` is checked against the model's class names here (a Seg3dError names a class it lacks)."""
         if postprocessing is not None:
             inside_rules(postprocessing, pre.label_names)
@@ -141,7 +180,11 @@ class Predictor:
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
+        if fp32_stem and self.dtype != torch.float32:
+            keep_stem_in_fp32(self.model)  # after the export: the engines' graphs are traced from the plain model
         self.pre = pre
+        self.notes = notes
+        self.choice_record = None  # where auto's choice is cached, until a run has confirmed its timing (once)
         if backend == "auto" and not self.int8_backend:
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
             choice = choose_engine(
@@ -156,6 +199,8 @@ class Predictor:
             if notes:
                 notes(describe(choice))
             backend = choice.engine
+            self.choice = choice
+            self.choice_record = choice_record(choice, str(self.dtype).removeprefix("torch."), cache)
         self.engine = built.get(backend)
         self.engine_name = backend if self.engine is not None else "torch"
         if self.engine_name == "onnxruntime":
@@ -191,6 +236,7 @@ class Predictor:
             channels_last=torch.device(device).type == "cpu",
             fold_norms=True,
             backend=backend,
+            fp32_stem=True,
             notes=notes,
         )
 
@@ -256,6 +302,10 @@ class Predictor:
             total = out if total is None else total.add_(out)
         if self.tta:
             total /= len(FLIPS)
+        chosen = self.model if self.engine is None else self.engine
+        if self.choice_record is not None and network.model is chosen and network.calls:
+            confirm_choice(self.choice, 1000 * network.seconds / network.calls, self.choice_record, self.notes)
+            self.choice_record = None  # once per Predictor: its first case says whether the measurement held
         return total, network.seconds
 
     def predict_file(

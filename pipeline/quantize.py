@@ -185,7 +185,7 @@ def prepare_int8(predictor, sources: list[tuple[str, Path]], notes: Callable[[st
         raise Seg3dError(f"--precision int8: {'; '.join(why.values())}; run with --precision bf16 or fp32")
     generator = torch.Generator().manual_seed(0)
     timing = [torch.randn(batch, *images[0].shape[1:2], *p.patch_size, generator=generator) for _ in range(3)]
-    ms = {name: round(_best_ms(network, timing), 2) for name, network in built.items()}
+    ms = _best_ms(built, timing)
     engine = min(ms, key=ms.get)
 
     def whole(network: torch.nn.Module, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -83,6 +83,33 @@ def test_auto_measures_once_then_reads_its_cache(bundle_dir, cache):
     assert second.engine_name == first.engine_name and "(cached" in said[-1]
 
 
+def test_a_choice_measured_on_a_busy_machine_is_measured_again(bundle_dir, real_ct):
+    """The record says the chosen engine took far longer per batch than a real case finds (as when the machine was
+    busy while auto timed it): the case says so in one line, the record is marked stale, and the next run measures
+    again; a run that matches its figure leaves the record alone."""
+    said: list[str] = []
+    first = _predictor(bundle_dir, "auto", said.append)  # measured, or read from the module's cache
+    record = Path(os.environ["SEG3D_CACHE"]) / "engines" / f"{first.choice.key}-float32.json"
+    saved = json.loads(record.read_text())
+    engine = saved["engine"]
+    busy = {**saved, "ms_per_batch": {**saved["ms_per_batch"], engine: 50 * saved["ms_per_batch"][engine]}}
+    record.write_text(json.dumps(busy))
+
+    said.clear()
+    predictor = _predictor(bundle_dir, "auto", said.append)
+    assert predictor.engine_name == engine and "(cached" in said[-1]
+    predictor.predict_file(real_ct / "ct_small.nii.gz")
+    assert len(said) == 2 and said[-1].startswith(f"backend auto: {engine} ran its batches in")
+    assert "the next run measures the engines again" in said[-1]
+    assert json.loads(record.read_text())["stale"] is True
+
+    said.clear()
+    again = _predictor(bundle_dir, "auto", said.append)
+    assert "(measured" in said[-1] and "stale" not in json.loads(record.read_text())
+    again.predict_file(real_ct / "ct_small.nii.gz")  # its own fresh figure: nothing to say, nothing marked
+    assert len(said) == 1 and "stale" not in json.loads(record.read_text())
+
+
 def test_a_cached_choice_is_kept_for_its_weights_only():
     torch.manual_seed(0)
     model = nn.Conv3d(1, 3, 3, padding=1).eval()

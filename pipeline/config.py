@@ -200,6 +200,10 @@ class TrainConfig(_Section):
     early_stop: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU; null = torch's default
+    # The engine that runs validation's windows on the CPU (pipeline/val_engine.py): torch; openvino or onnxruntime
+    # (the network exported once, its weights refreshed and checked at every validation); auto (after the first
+    # validation, an engine only where it saves more per validation than its refresh costs). On a GPU: torch.
+    val_backend: Literal["torch", "auto", "openvino", "onnxruntime"] = "torch"
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> TrainConfig:

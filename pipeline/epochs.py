@@ -75,6 +75,14 @@ def run_epochs(
 ) -> RunProgress:
     """Train from `start` to train.epochs (or an early stop); `tracker` is rank 0's, None on the others. `show`:
     progress bars and epoch lines (None: only on a terminal)."""
+    try:
+        return _run_epochs(dist=dist, cfg=cfg, setup=setup, start=start, class_names=class_names,
+                           val_cases=val_cases, run_dir=run_dir, tracker=tracker, show=show)  # fmt: skip
+    finally:
+        setup.val_engine.close()  # its exported files live in a temporary folder
+
+
+def _run_epochs(*, dist, cfg, setup, start, class_names, val_cases, run_dir, tracker, show) -> RunProgress:
     history, best = list(start.history), dict(start.best)
     stale = 0
     for epoch in range(start.epochs_done, cfg.train.epochs):
@@ -82,12 +90,15 @@ def run_epochs(
         losses = _train_epoch(dist=dist, cfg=cfg, setup=setup, epoch=epoch, best_dice=best["dice"], show=show)
         its = len(losses) / (time.perf_counter() - t0)
 
-        val = None
+        val, val_s = None, None
         last_epoch = epoch + 1 == cfg.train.epochs
         if val_cases and ((epoch + 1) % cfg.train.val_every == 0 or last_epoch):
+            t_val = time.perf_counter()
             setup.model.eval()
-            mine = validate(setup.predictor, setup.val_ds, len(class_names))
+            with setup.val_engine.use(setup.predictor) as predictor:  # PyTorch, or an engine on these weights
+                mine = validate(predictor, setup.val_ds, len(class_names))
             val = gather_validation(dist, mine, val_cases)
+            val_s = time.perf_counter() - t_val
         row = epoch_row(
             epoch=epoch,
             names=class_names,
@@ -96,6 +107,7 @@ def run_epochs(
             secs=time.perf_counter() - t0,
             its=its,
             val=val,
+            val_s=val_s,
         )
         improved = val is not None and np.isfinite(row["val_dice_mean"]) and row["val_dice_mean"] > best["dice"]
         if improved:
@@ -190,15 +202,25 @@ def gather_validation(dist: Dist, mine: dict[str, list[float]], val_cases: list[
 
 
 def epoch_row(
-    *, epoch: int, names: list[str], loss: float, lr: float, secs: float, its: float, val: dict | None
+    *,
+    epoch: int,
+    names: list[str],
+    loss: float,
+    lr: float,
+    secs: float,
+    its: float,
+    val: dict | None,
+    val_s: float | None = None,
 ) -> dict:
     """One history row: the epoch (0-based), its training numbers and, after a validation, the Dice per foreground
-    class and their mean."""
+    class, their mean and the validation's seconds (inside epoch_time_s)."""
     row = {"epoch": epoch, "train_loss": loss, "lr": lr, "epoch_time_s": secs, "iterations_per_s": its}
     if val is not None:
         per_class, mean = mean_foreground_dice(list(val.values()))
         row.update({f"val_dice_{n}": v for n, v in zip(names[1:], per_class)})
         row["val_dice_mean"] = mean
+    if val_s is not None:
+        row["val_time_s"] = val_s
     return row
 
 

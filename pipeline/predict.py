@@ -184,6 +184,7 @@ class Predictor:
             keep_stem_in_fp32(self.model)  # after the export: the engines' graphs are traced from the plain model
         self.pre = pre
         self.notes = notes
+        self.last_network: _Timed | None = None
         self.choice_record = None  # where auto's choice is cached, until a run has confirmed its timing (once)
         if backend == "auto" and not self.int8_backend:
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)
@@ -283,8 +284,9 @@ class Predictor:
 
     @torch.no_grad()
     def predict_preprocessed(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, *S) float32 for a preprocessed image (B, 1, *S); no mirroring (validation)."""
-        network = self._network(gates=False)
+        """Logits (B, K, *S) float32 for a preprocessed image (B, 1, *S); no mirroring (validation). The network
+        that ran (its batches and seconds) is `last_network` afterwards."""
+        network = self.last_network = self._network(gates=False)
         return torch.as_tensor(self._window(torch.as_tensor(image).float(), network))
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from pipeline.run_folder import CHECKPOINTS
 from pipeline.summary import build
 from pipeline.train_data import loader_workers, make_train_dataset
 from pipeline.transforms import Preprocessing, validation_transforms
+from pipeline.val_engine import ValidationEngine
 
 if TYPE_CHECKING:
     from pipeline.run_start import Plan
@@ -53,6 +54,7 @@ class Setup:
     val_ds: Any
     predictor: Predictor
     workers: int
+    val_engine: ValidationEngine  # which engine runs validation's windows (train.val_backend)
 
 
 def setup_rank(*, dist: Dist, cfg: Config, plan: Plan, pre: Preprocessing, run_dir: Path) -> Setup:
@@ -115,6 +117,9 @@ def setup_rank(*, dist: Dist, cfg: Config, plan: Plan, pre: Preprocessing, run_d
         val_ds=val_ds,
         predictor=validation_predictor(model, cfg=cfg, pre=pre, device=device),
         workers=loader_workers(cfg, device, ranks_per_node=dist.local_world),
+        val_engine=ValidationEngine(
+            cfg.train.val_backend, device=device, notes=print if dist.is_main else lambda line: None
+        ),
     )
 
 

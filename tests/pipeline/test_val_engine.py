@@ -41,7 +41,7 @@ def _probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:
 def _train_step(predictor: Predictor) -> None:
     """One optimiser step and new batch-norm statistics: the weights a next validation must see."""
     model = predictor.model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     loss = model(torch.randn(2, 1, *PATCH)).square().mean()
     loss.backward()
     optimizer.step()

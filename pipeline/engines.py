@@ -236,7 +236,7 @@ def choose_engine(
     TOLERANCE, or within twice PyTorch's own difference where that is larger (bf16), measured on CHECK_WINDOWS
     batches of windows (fixed seed), or read from the cache. `precision`, the Predictor's, is part of the cache key."""
     key = network_key(model, patch, batch)
-    record = (cache or cache_folder(notes)) / f"{key}-{precision}.json"
+    record = _record(cache or cache_folder(notes), key, precision)
     if record.exists():
         try:
             saved = json.loads(record.read_text())
@@ -269,8 +269,13 @@ def choose_engine(
     return choice
 
 
+def _record(cache: Path, key: str, precision: str) -> Path:
+    return cache / f"{key}-{precision}.json"
+
+
 def choice_record(choice: EngineChoice, precision: str, cache: Path) -> Path:
-    return cache / f"{choice.key}-{precision}.json"
+    """Where choose_engine cached `choice`."""
+    return _record(cache, choice.key, precision)
 
 
 def confirm_choice(

@@ -187,6 +187,7 @@ class Predictor:
         self.pre = pre
         self.notes = notes
         self.last_network: _Timed | None = None
+        self.choice = None  # auto's EngineChoice
         self.choice_record = None  # where auto's choice is cached, until a run has confirmed its timing (once)
         if backend == "auto" and not self.int8_backend:
             timed = _Timed(self.model, device=self.device, dtype=self.dtype, gates=False, channels_last=channels_last)

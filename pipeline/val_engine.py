@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from attention3d.fusion import fold_batch_norms
-from pipeline.engines import CHOICES, TOLERANCE, OnnxNetwork, OpenVinoNetwork, export_onnx
-from pipeline.errors import Seg3dError, one_line
+from pipeline.engines import CHOICES, TOLERANCE, _best_ms, engine_network, export_onnx
+from pipeline.errors import Seg3dError
 from pipeline.predict import Predictor
 
 WEIGHT_PREFIX = "net."  # pipeline.export wraps the network as `net` of its logits-only graph
@@ -131,18 +131,8 @@ class ValidationEngine:
         return path
 
     def _compiled(self, path: Path, predictor: Predictor) -> nn.Module:
-        threads = torch.get_num_threads()
-        if self.engine == "onnxruntime":
-            return OnnxNetwork(path, threads=threads)
-        precision = "bf16" if predictor.dtype == torch.bfloat16 else "f32"
-        blobs = self.folder / "ov"
-        shutil.rmtree(blobs, ignore_errors=True)  # last validation's compiled blobs: other weights
-        try:
-            return OpenVinoNetwork(
-                path, batch=predictor.inference.sw_batch_size, precision=precision, threads=threads, cache_dir=blobs
-            )
-        except RuntimeError as err:
-            raise Seg3dError(f"OpenVINO cannot compile the network ({one_line(err, 200)})") from None
+        shutil.rmtree(path.parent / "ov", ignore_errors=True)  # last validation's compiled blobs: other weights
+        return engine_network(self.engine, path, predictor.inference.sw_batch_size, predictor.dtype)
 
     def _check(self, network: nn.Module, model: nn.Module, predictor: Predictor) -> None:
         """One batch of windows (fixed seed): the engine's probabilities within engines.py's bar of fp32 PyTorch."""
@@ -185,14 +175,7 @@ class ValidationEngine:
             except Seg3dError as err:
                 why[name] = str(err)
                 continue
-            with torch.no_grad():
-                network(x)
-                times = []
-                for _ in range(TIMED_BATCHES):
-                    start = time.perf_counter()
-                    network(x)
-                    times.append(time.perf_counter() - start)
-            figures[name] = (1000 * min(times), self.refresh_s[-1])
+            figures[name] = (_best_ms({name: network}, [x] * TIMED_BATCHES)[name], self.refresh_s[-1])
         saved = {name: batches * (torch_ms - ms) / 1000 - refresh for name, (ms, refresh) in figures.items()}
         best = max(saved, key=saved.get, default=None)
         if best is not None and saved[best] > 0:

@@ -38,6 +38,8 @@ CHOICES = ("auto", *ENGINES)
 TOLERANCE = 1e-3  # max |difference| of the softmax probabilities against fp32 PyTorch on the check windows
 CHECK_WINDOWS = 3  # batches of windows the check runs; each engine times each of them TIMING_PASSES times
 TIMING_PASSES = 2  # interleaved over the engines, so that a busy moment slows them all, not the one timed then
+# What the engines build from an export; a new recipe measures again (2: bf16 keeps the first block in f32).
+GRAPH_RECIPE = 2
 STALE_RATIO = 0.75  # a run whose network is this much faster than its measured figure marks the choice stale
 
 
@@ -75,6 +77,7 @@ def network_key(model: nn.Module, patch: tuple[int, ...], batch: int) -> str:
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     context = {"patch": list(patch), "batch": batch, "versions": _versions(), "cpu": _cpu()}
     context["threads"] = torch.get_num_threads()
+    context["graph"] = GRAPH_RECIPE
     digest.update(json.dumps(context, sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
@@ -129,6 +132,9 @@ class OpenVinoNetwork(nn.Module):
         declared = model.input(0).get_partial_shape()  # (batch: dynamic, channels, *patch)
         shape = [batch, *(declared[i].get_length() for i in range(1, declared.rank.get_length()))]
         model.reshape({model.input(0): ov.PartialShape(shape)})
+        self.f32_layers: list[str] = []
+        if precision == "bf16":
+            model, self.f32_layers = _first_block_in_f32(core, model, cache_dir)
         config = {
             "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": threads,
@@ -146,6 +152,45 @@ class OpenVinoNetwork(nn.Module):
             array = np.concatenate([array, np.zeros((self.batch - n, *array.shape[1:]), array.dtype)])
         out = self.request.infer({0: array})[self.output]
         return torch.from_numpy(np.array(out[:n], dtype=np.float32, copy=True))
+
+
+def _first_block_in_f32(core, model, folder: Path):
+    """`model` with its first block's convolutions (those at the input's full resolution, before the first strided
+    convolution or pooling) kept in f32 when the rest runs in bf16, as PyTorch's bf16 does
+    (pipeline.predict.keep_first_block_in_fp32), and their names. OpenVINO's CPU plugin leaves a node at its
+    original precision when the node carries the DisablePrecisionConversion attribute; Python cannot build that
+    attribute, but OpenVINO's IR reader can: the model goes through an IR whose XML carries it on those layers
+    (tests/pipeline/test_engines.py checks the compiled model's runtime precisions)."""
+    import xml.etree.ElementTree as ET
+
+    import openvino as ov
+
+    full = list(model.input(0).get_partial_shape())[2:]
+    names = []
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind in ("MaxPool", "AvgPool", "AdaptiveMaxPool", "AdaptiveAvgPool"):
+            break
+        if kind in ("Convolution", "GroupConvolution"):
+            if list(op.get_input_partial_shape(0))[2:] != full or any(s != 1 for s in op.get_strides()):
+                break
+            names.append(op.get_friendly_name())
+    if not names:
+        return model, names
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        xml = Path(tmp) / "model.xml"
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        tree = ET.parse(xml)
+        for layer in tree.getroot().iter("layer"):
+            if layer.get("name") in names:
+                rt_info = layer.find("rt_info")
+                if rt_info is None:
+                    rt_info = ET.Element("rt_info")
+                    layer.insert(0, rt_info)
+                ET.SubElement(rt_info, "attribute", name="DisablePrecisionConversion", version="0", value="dynamic:f16")
+        tree.write(xml)
+        return core.read_model(str(xml)), names
 
 
 def export_onnx(model: nn.Module, patch: tuple[int, int, int], batch: int, cache: Path | None = None) -> Path:

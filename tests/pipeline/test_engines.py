@@ -66,6 +66,19 @@ def test_openvino_in_bf16_keeps_the_mask_within_dice_0_005_of_fp32_pytorch(bundl
     assert bf16.engine.precision == "bf16" and bf16.dtype == torch.bfloat16
     assert _dice(bf16.predict_file(ct).labels, reference) >= 0.995
 
+    # The first block's convolutions stay in f32 in the compiled graph, as in PyTorch's bf16; every other one is bf16.
+    first = [m for m in bf16.model.encoders[0].modules() if isinstance(m, nn.Conv3d)]
+    assert all(type(m).__name__.startswith("Fp32") for m in first)
+    runtime = bf16.engine.compiled.get_runtime_model()
+    convs = [
+        (op.get_friendly_name(), op.get_rt_info()["runtimePrecision"].astype(str))
+        for op in runtime.get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+    ]
+    assert len(bf16.engine.f32_layers) == len(first) == 2
+    assert [name for name, precision in convs if precision == "f32"] == bf16.engine.f32_layers
+    assert {precision for name, precision in convs if name not in bf16.engine.f32_layers} == {"bf16"}
+
 
 def test_auto_measures_once_then_reads_its_cache(bundle_dir, cache):
     said: list[str] = []
@@ -130,7 +143,7 @@ def test_a_damaged_cached_export_is_exported_again(bundle_dir, real_ct, cache):
     torch.testing.assert_close(again.engine(x), predictor.engine(x))
 
 
-def test_the_key_changes_with_the_weights_the_engine_versions_the_cpu_and_the_threads(monkeypatch):
+def test_the_key_changes_with_the_weights_the_engine_versions_the_cpu_the_threads_and_the_recipe(monkeypatch):
     torch.manual_seed(0)
     model = nn.Conv3d(1, 3, 3, padding=1)
     key = network_key(model, (16, 16, 8), 2)
@@ -143,6 +156,9 @@ def test_the_key_changes_with_the_weights_the_engine_versions_the_cpu_and_the_th
     monkeypatch.undo()
     monkeypatch.setattr(engines, "_cpu", lambda: "AMD EPYC 9654 (x86_64)")  # the same cache on another machine
     assert engines._cpu() != real_cpu and network_key(model, (16, 16, 8), 2) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(engines, "GRAPH_RECIPE", engines.GRAPH_RECIPE - 1)  # a cache from before the f32 first block
+    assert network_key(model, (16, 16, 8), 2) != key
     monkeypatch.undo()
     changed = nn.Conv3d(1, 3, 3, padding=1)  # another bundle's weights
     assert network_key(changed, (16, 16, 8), 2) != key

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks._report import ROOT, has_native_bf16, table, write_section
-from benchmarks.inference import BIG, QUICK_BIG, REAL_CT, monai_network
+from benchmarks.inference import BIG, QUICK_BIG, REAL_CT
+from benchmarks.monai_tutorial import monai_network
 from benchmarks.startup import WORK, make_bundle
 
 MONAI = """
@@ -32,7 +33,7 @@ import json, sys, time
 start = time.perf_counter()
 from pathlib import Path
 import torch
-from benchmarks.inference import monai_once
+from benchmarks.monai_tutorial import monai_once
 from pipeline.bundle import load_bundle
 bundle = load_bundle(sys.argv[1])
 result = monai_once(Path(sys.argv[2]), [Path(sys.argv[3])], Path(sys.argv[4]), bundle.preprocessing, bundle.config,

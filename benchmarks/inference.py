@@ -28,24 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.networks.nets import AttentionUnet
-from monai.transforms import (
-    AsDiscreted,
-    Compose,
-    EnsureChannelFirstd,
-    Invertd,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    SaveImaged,
-    ScaleIntensityRanged,
-    Spacingd,
-)
 from torch import nn
 
 from attention3d import create_model
 from benchmarks._report import ROOT, table, write_section
+from benchmarks.monai_tutorial import STAGES, monai_network, run_monai
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.config import load_config
 from pipeline.datalists import load_dataset
@@ -62,7 +49,6 @@ from pipeline.train_data import epoch_loader, make_train_dataset
 from pipeline.transforms import IMAGE, LABEL, as_record, compute_preprocessing
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct" / "ct.nii.gz"
-STAGES = ("load", "preprocess", "network", "stitch", "invert", "write")
 BIG = CaseSpec(shape=(512, 512, 200), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
 QUICK_BIG = CaseSpec(shape=(96, 96, 40), spacing=(0.8, 0.8, 2.5), orientation="RAS", tumour=True, decoys=3)
 QUICK = ["train.epochs=1", "train.iterations_per_epoch=2"]
@@ -132,100 +118,6 @@ def run_ours(bundle: Path, source: Path, out: Path, precision="auto", postproces
             raise RuntimeError(f"seg3d infer failed: {summary.failed}")
     stages = {s: sum(t.get(s, 0.0) for t in summary.timings.values()) for s in STAGES}
     return {"wall": wall, "stages": stages, "windows": windows[0]}
-
-
-class TimedNetwork(nn.Module):
-    """The peer as sliding_window_inference sees it: seconds inside the forward, and windows seen."""
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        super().__init__()
-        self.model, self.device = model, device
-        self.seconds, self.windows = 0.0, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.model(x)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        self.windows += x.shape[0]
-        return out
-
-
-def monai_network(cfg) -> nn.Module:
-    """MONAI's AttentionUnet with the channels and strides of the config's network."""
-    channels, strides = tuple(cfg.model.channels), tuple(cfg.model.strides)
-    return AttentionUnet(spatial_dims=3, in_channels=1, out_channels=3, channels=channels, strides=strides)
-
-
-def monai_once(weights: Path, images: list[Path], out: Path, pre, cfg, device, bf16: bool) -> dict:
-    """The MONAI tutorial way: pre-transforms, sliding window (fp32 unless `bf16`), Invertd, argmax, SaveImaged."""
-    start = time.perf_counter()
-    model = monai_network(cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    network = TimedNetwork(model.to(device).eval(), device)
-    lo, hi = pre.clip
-    pre_t = Compose(
-        [
-            LoadImaged(keys="image", reader="NibabelReader"),
-            EnsureChannelFirstd(keys="image"),
-            Orientationd(keys="image", axcodes="RAS"),
-            Spacingd(keys="image", pixdim=pre.target_spacing, mode="bilinear"),
-            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
-            NormalizeIntensityd(keys="image", subtrahend=pre.mean, divisor=pre.std),
-        ]
-    )
-    invert = Compose(
-        [
-            Invertd(keys="pred", transform=pre_t, orig_keys="image", nearest_interp=False),
-            AsDiscreted(keys="pred", argmax=True),
-        ]
-    )
-    save = SaveImaged(
-        keys="pred",
-        output_dir=out,
-        output_postfix="",
-        separate_folder=False,
-        output_dtype=np.uint8,
-        writer="NibabelWriter",
-        print_log=False,
-    )
-    stages = dict.fromkeys(STAGES, 0.0)
-    for path in images:
-        t = time.perf_counter()
-        data = pre_t({"image": str(path)}, end=2)
-        stages["load"] += time.perf_counter() - t
-        t = time.perf_counter()
-        data = pre_t(data, start=2)
-        stages["preprocess"] += time.perf_counter() - t
-        t, before = time.perf_counter(), network.seconds
-        x = data["image"][None].to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = sliding_window_inference(
-                x,
-                roi_size=cfg.data.patch_size,
-                sw_batch_size=cfg.inference.sw_batch_size,
-                predictor=network,
-                overlap=cfg.inference.overlap,
-                mode="gaussian",
-                sigma_scale=cfg.inference.sigma_scale,
-            )
-        data["pred"] = pred[0].cpu()
-        stages["network"] += network.seconds - before
-        stages["stitch"] += time.perf_counter() - t - (network.seconds - before)
-        t = time.perf_counter()
-        data = invert(data)
-        stages["invert"] += time.perf_counter() - t
-        t = time.perf_counter()
-        save(data)
-        stages["write"] += time.perf_counter() - t
-    return {"wall": time.perf_counter() - start, "stages": stages, "windows": network.windows}
-
-
-def run_monai(*args, repeats: int = 2) -> dict:
-    for _ in range(repeats - 1):
-        monai_once(*args)  # cold runs, not kept
-    return monai_once(*args)
 
 
 # -- report -----------------------------------------------------------------------------------------------------

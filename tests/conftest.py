@@ -19,7 +19,21 @@ def pytest_configure(config):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+# The files that take minutes, longest first: `make test` runs whole files on two workers (pytest-xdist), and one
+# of these started last would leave the other worker idle for its length. Within a file the order is unchanged.
+LONG_FILES = (
+    "tests/pipeline/test_faults.py",
+    "tests/pipeline/test_demo.py",
+    "tests/pipeline/study/test_study.py",
+    "tests/test_image.py",
+    "tests/pipeline/test_train.py",
+    "tests/pipeline/test_distributed.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))  # stable: the rest as collected
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")

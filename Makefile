@@ -10,8 +10,12 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # The suite runs on TEST_WORKERS processes (pytest-xdist), each taking whole test files (module fixtures are built
 # once): run one after another on 2 cores, it left the CPU idle 41% of the time (imports, servers, containers and
-# waits). TEST_WORKERS=0 runs it in this process, one test after another.
+# waits). --no-loadscope-reorder keeps tests/conftest.py's order (the longest files first) instead of xdist's
+# largest-count-first, which started the 7-minute demo file last. TEST_WORKERS=0: one process, one test at a time.
 TEST_WORKERS ?= 2
+# Two workers on 2 cores: OpenMP threads spinning at their barriers took the CPU the other worker needed (a run
+# with spinning used 80 CPU-minutes where the serial one used 55); passive threads sleep instead.
+TEST_ENV := OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: setup demo test test-fast image-test image-cpu bench lint format clean
 
@@ -28,10 +32,10 @@ demo: $(STAMP)
 	$(VENV)/bin/seg3d demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" $(PYTEST_ARGS)
 
 # The image built and run for real on the CPU (tests/test_image.py; part of `make test` too). docker/host-setup.sh
 # installs Docker, debootstrap and docker-compose from Debian's packages if missing (root) and starts dockerd.

@@ -13,8 +13,9 @@ PYTEST_ARGS ?=
 # waits). --no-loadscope-reorder keeps tests/conftest.py's order (the longest files first) instead of xdist's
 # largest-count-first, which started the 7-minute demo file last. TEST_WORKERS=0: one process, one test at a time.
 TEST_WORKERS ?= 2
-# Two workers on 2 cores: OpenMP threads spinning at their barriers took the CPU the other worker needed (a run
-# with spinning used 80 CPU-minutes where the serial one used 55); passive threads sleep instead.
+# Two workers on 2 cores: OpenMP threads spinning at their barriers took the CPU the other worker needed. Measured
+# on a fresh clone (.ci/run, set-up included): serial 49:08 (55 CPU-minutes); two workers 47:30 (80); two workers
+# with passive OpenMP threads and the long files first 34:17 (57).
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: setup demo test test-fast image-test image-cpu bench lint format clean
